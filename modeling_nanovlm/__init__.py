@@ -1,0 +1,41 @@
+"""nanoVLM model package. Importing it registers the classes with transformers' Auto factories."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from .configuration_nanovlm import NanoVLMConfig, small_config, tiny_config
+from .modeling_nanovlm import (
+    IMAGE_TOKEN,
+    NanoVLMForConditionalGeneration,
+    NanoVLMPreTrainedModel,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
+
+AutoConfig.register(NanoVLMConfig.model_type, NanoVLMConfig, exist_ok=True)
+for _auto in (AutoModel, AutoModelForImageTextToText):
+    _auto.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
+# Hub export: save_pretrained writes these modules next to the weights and an auto_map to them.
+NanoVLMConfig.register_for_auto_class()
+NanoVLMForConditionalGeneration.register_for_auto_class("AutoModel")
+NanoVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+def __getattr__(name):  # the trainer pulls in the Trainer stack; import it only when asked for
+    if name == "NanoVLMTrainer":
+        from .trainer import NanoVLMTrainer
+
+        return NanoVLMTrainer
+    raise AttributeError(name)
+
+
+__all__ = [
+    "NanoVLMConfig",
+    "NanoVLMForConditionalGeneration",
+    "NanoVLMPreTrainedModel",
+    "NanoVLMTrainer",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "tiny_config",
+    "small_config",
+    "IMAGE_TOKEN",
+]

@@ -1,0 +1,89 @@
+"""Configuration of nanoVLM: a DINOv3 vision tower, a connector, and a Llama-family language model."""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+CONNECTOR_MODES = ("shuffle", "perceiver")
+
+
+class NanoVLMConfig(PreTrainedConfig):
+    r"""
+    vision_config (`DINOv3ViTConfig` or `dict`): the vision tower (any H x W, 2-D RoPE).
+    text_config (`LlamaConfig` or `dict`): the causal language model (any Llama-family config).
+    image_token_id (`int`): id of the `<image>` token whose positions receive image features.
+    connector (`str`): "shuffle" (pixel shuffle by a per-image factor, average pooling when even the
+        largest factor exceeds the budget, then a projection per factor) or "perceiver" (a fixed number
+        of latents per image through transformers' Idefics2 Perceiver resampler).
+    shuffle_factors (`list[int]`): allowed pixel-shuffle factors; must match the image processor's.
+    perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
+    vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
+        (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
+    projector_hidden_act (`str`): activation of the two-layer projection MLP.
+    """
+
+    model_type = "nanovlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov3_vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 0
+    connector: str = "shuffle"
+    shuffle_factors: list[int] | tuple[int, ...] = (1, 2, 4)
+    perceiver_latents: int = 64
+    perceiver_depth: int = 3
+    perceiver_heads: int = 8
+    perceiver_head_dim: int = 64
+    vision_rope_augmentation: bool = False
+    projector_hidden_act: str = "gelu"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.connector not in CONNECTOR_MODES:
+            raise ValueError(f"connector must be one of {CONNECTOR_MODES}, got {self.connector!r}")
+        self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)
+        if not self.shuffle_factors or self.shuffle_factors[0] < 1:
+            raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors}")
+        # The LM's own tie setting decides; keep it visible on the composite config.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision_config.patch_size)
+
+
+def tiny_config(vocab_size: int = 320, image_token_id: int = 3, **overrides) -> NanoVLMConfig:
+    """A ~1M-parameter model for tests and the built-in digits task (random weights, CPU friendly)."""
+    vision = dict(
+        model_type="dinov3_vit", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, patch_size=16, num_register_tokens=4, layerscale_value=1.0,
+    )
+    text = dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+    vision.update(overrides.pop("vision", {}))
+    text.update(overrides.pop("text", {}))
+    return NanoVLMConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+
+
+def small_config(vocab_size: int = 49153, image_token_id: int = 49152, **overrides) -> NanoVLMConfig:
+    """Shapes of DINOv3 ViT-S/16 (facebook/dinov3-vits16-pretrain-lvd1689m) + SmolLM2-135M."""
+    vision = dict(
+        model_type="dinov3_vit", hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+        num_attention_heads=6, patch_size=16, num_register_tokens=4, layerscale_value=1.0,
+    )
+    text = dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )
+    vision.update(overrides.pop("vision", {}))
+    text.update(overrides.pop("text", {}))
+    return NanoVLMConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+
+
+__all__ = ["NanoVLMConfig", "tiny_config", "small_config"]

@@ -1,0 +1,19 @@
+from .image_processing_nanovlm import ImageInputError, ImagePlan, NanoVLMImageProcessor, image_size, load_image, plan_image
+from .processing_nanovlm import CHAT_TEMPLATE, IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
+
+__all__ = [
+    "NanoVLMImageProcessor",
+    "NanoVLMProcessor",
+    "ImagePlan",
+    "ImageInputError",
+    "ImageTextMismatchError",
+    "plan_image",
+    "load_image",
+    "image_size",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+]
+
+# Hub export: save_pretrained writes these modules next to processor_config.json with an auto_map.
+NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
+NanoVLMProcessor.register_for_auto_class("AutoProcessor")
