@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -223,6 +224,12 @@ class HubState:
                 raise HubError(404, f"Repository not found: {key[1]}", "RepoNotFound")
         return _json({})
 
+    def xet_token(self, req, type, repo, rest=None):
+        message = ("test hub does not implement Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment "
+                   "before huggingface_hub is imported (see hub_env)")
+        print(f"[test-hub] XET REQUESTED: {message}", file=sys.stderr, flush=True)
+        raise HubError(501, message)
+
     def validate_yaml(self, req):
         return _json({"errors": [], "warnings": []})
 
@@ -251,7 +258,8 @@ class HubState:
             refs = dict(self.repo(REPO_TYPES[type], repo).refs)
 
         def ref(name, sha):
-            return {"name": name, "ref": name if name.startswith("refs/") else f"refs/heads/{name}", "targetCommit": sha}
+            full_ref = name if name.startswith("refs/") else f"refs/heads/{name}"
+            return {"name": name, "ref": full_ref, "targetCommit": sha}
 
         return _json({
             "branches": [ref(n, s) for n, s in refs.items() if not n.startswith("refs/")],
@@ -358,8 +366,8 @@ class HubState:
                 if obj["oid"] not in self.blobs:  # already uploaded => no actions, the client skips it
                     verify = f"{req.endpoint}/{URL_PREFIX[repo_type]}{repo}.git/info/lfs/objects/verify"
                     out["actions"] = {
-                        "upload": {"href": f"{req.cdn_url}/lfs-upload/{obj['oid']}?size={obj['size']}", "expires_in": 86400},
-                        "verify": {"href": verify, "header": {}, "expires_in": 86400},
+                        "upload": {"href": f"{req.cdn_url}/lfs-upload/{obj['oid']}?size={obj['size']}"},
+                        "verify": {"href": verify},
                     }
                 objects.append(out)
         body = json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode()
@@ -470,6 +478,7 @@ ROUTES = [  # (methods, raw path regex, HubState method name); first match wins
     ({"POST"}, _API + r"/branch/(?P<branch>.+)", "create_branch"),
     ({"DELETE"}, _API + r"/branch/(?P<branch>.+)", "delete_branch"),
     ({"GET"}, _API + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
+    ({"GET"}, _API + r"/xet-(?:read|write)-token(?:/(?P<rest>.*))?", "xet_token"),
     ({"POST"}, _API + r"/paths-info/(?P<rev>[^/]+)", "paths_info"),
     ({"POST"}, _API + r"/preupload/(?P<rev>[^/]+)", "preupload"),
     ({"POST"}, _API + r"/commit/(?P<rev>[^/]+)", "commit"),
@@ -581,10 +590,9 @@ class HubServer:
     ``requests`` (list of (method, path, status)), ``unknown_routes`` (list of "METHOD path").
     """
 
-    def __init__(self, host: str = "127.0.0.1", verbose: bool = bool(os.environ.get("TEST_HUB_VERBOSE"))):
-        import re
-
-        self.host, self.verbose = host, verbose
+    def __init__(self, host: str = "127.0.0.1", verbose: bool | None = None):
+        self.host = host
+        self.verbose = bool(os.environ.get("TEST_HUB_VERBOSE")) if verbose is None else verbose  # log every request
         self.state = HubState()
         self.routes = [(methods, re.compile(p), name) for methods, p, name in ROUTES]
         self.requests: list[tuple[str, str, int]] = []
@@ -596,7 +604,7 @@ class HubServer:
         for _ in range(2):  # [0] = API, [1] = CDN (a different origin => the client drops auth, as with the real CDN)
             server = _Server((self.host, 0), _Handler)
             server.owner = self
-            threading.Thread(target=server.serve_forever, name="test-hub", daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), name="test-hub", daemon=True).start()
             self._servers.append(server)
         self.url, self.cdn_url = (f"http://{self.host}:{s.server_address[1]}" for s in self._servers)
         return self
@@ -615,7 +623,7 @@ class HubServer:
 
 
 @contextlib.contextmanager
-def running_hub(verbose: bool = False):
+def running_hub(verbose: bool | None = None):
     """Start a test Hub on a free port in background threads; yield its endpoint URL; stop it on exit."""
     with HubServer(verbose=verbose) as hub:
         yield hub.url
@@ -624,9 +632,10 @@ def running_hub(verbose: bool = False):
 def hub_env(endpoint: str, hf_home: str | os.PathLike, token: str | None = "test", base: dict | None = None) -> dict:
     """Environment for a client process talking to the test Hub (must be set before huggingface_hub is imported)."""
     env = dict(os.environ if base is None else base)
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                "TRANSFORMERS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH", "HF_HUB_ENABLE_HF_TRANSFER",
-                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE",
+                "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH",
+                "HF_HUB_ENABLE_HF_TRANSFER", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                "all_proxy"):
         env.pop(key, None)
     env.update({
         "HF_ENDPOINT": endpoint,
@@ -668,10 +677,17 @@ def run_client(
     cwd: str | os.PathLike | None = None,
     network_guard: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` with ``sys.executable`` against the test Hub; raise AssertionError with its output on failure."""
+    """Run ``script`` (dedented) with ``sys.executable`` in the ``hub_env`` environment plus ``env``.
+
+    Raises AssertionError carrying the script's stdout/stderr if it exits non-zero; returns the CompletedProcess.
+    """
     code = (NETWORK_GUARD if network_guard else "") + textwrap.dedent(script)
     full_env = hub_env(endpoint, hf_home)
-    full_env.update(env or {})
+    for key, value in (env or {}).items():  # a None value removes the variable
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = str(value)
     proc = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:

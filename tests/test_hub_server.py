@@ -22,7 +22,8 @@ from hub_server import HubServer, run_client, running_hub  # noqa: E402
 def hub():
     with HubServer() as server:
         yield server
-        assert server.unknown_routes == [], f"client hit routes the test hub does not implement: {server.unknown_routes}"
+        print("test hub requests (method, path, status):", *server.requests, sep="\n  ")  # shown on failure
+        assert server.unknown_routes == [], f"client hit routes the test hub lacks: {server.unknown_routes}"
 
 
 def _call(url, method="GET", payload=None):
@@ -80,6 +81,21 @@ def test_preupload_decides_regular_vs_lfs(hub):
 
     status, body = _call(f"{hub.url}/api/models/user/missing/preupload/main", "POST", {"files": files})
     assert status == 404
+
+
+def test_client_network_guard_blocks_real_hosts(tmp_path):
+    proc = run_client(
+        """
+        import socket
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=1)
+        except OSError as e:
+            print("blocked:", e)
+        """,
+        "http://127.0.0.1:9",
+        tmp_path,
+    )
+    assert "network guard: connection to 'huggingface.co' blocked" in proc.stdout
 
 
 # --------------------------------------------------------------------------------- huggingface_hub client

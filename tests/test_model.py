@@ -1,0 +1,324 @@
+"""Core model guarantees: shuffle geometry, RoPE, mixed-shape batches, generation, precision, checkpointing."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
+from processing import NanoVLMImageProcessor, NanoVLMProcessor
+from processing.offline_tokenizer import build_tokenizer
+from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+PATCH = 16
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return NanoVLMForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def random_image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokenizer = build_tokenizer(["Which digit is shown and where? 7 top-left 3 bottom-right"] * 20)
+    return NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=64), tokenizer)
+
+
+# --- pixel shuffle ----------------------------------------------------------------------------------
+
+
+def reference_shuffle(x, grid_height, grid_width, s):
+    """Loop version: token (i, j) = concat of patches (i*s + a, j*s + b) for a, b in row-major order."""
+    batch, _, dim = x.shape
+    grid = x.reshape(batch, grid_height, grid_width, dim)
+    rows = []
+    for i in range(grid_height // s):
+        for j in range(grid_width // s):
+            cell = [grid[:, i * s + a, j * s + b] for a in range(s) for b in range(s)]
+            rows.append(torch.cat(cell, dim=-1))
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("grid", [(2, 4), (6, 2), (4, 12), (10, 6), (3, 9)])
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_pixel_shuffle_groups_2d_neighbourhoods_and_round_trips(grid, s):
+    grid_height, grid_width = grid
+    if grid_height % s or grid_width % s:
+        pytest.skip("factor does not divide this grid")
+    x = torch.randn(2, grid_height * grid_width, 5)
+    shuffled = pixel_shuffle(x, grid_height, grid_width, s)
+    assert shuffled.shape == (2, grid_height * grid_width // s**2, 5 * s * s)
+    assert torch.equal(shuffled, reference_shuffle(x, grid_height, grid_width, s))
+    assert torch.equal(pixel_unshuffle(shuffled, grid_height, grid_width, s), x)
+
+
+def test_pixel_shuffle_rejects_a_factor_that_does_not_divide_the_grid():
+    with pytest.raises(ValueError, match="does not divide"):
+        pixel_shuffle(torch.randn(1, 6 * 4, 3), 6, 4, 4)
+    with pytest.raises(ValueError, match="grid"):
+        pixel_shuffle(torch.randn(1, 10, 3), 6, 4, 2)
+
+
+def test_connector_gives_exact_token_count_for_many_rectangular_sizes():
+    model = make_model()
+    rng = random.Random(0)
+    with torch.no_grad():
+        for _ in range(40):
+            s = rng.choice([1, 2, 4])
+            grid_height, grid_width = s * rng.randint(1, 6), s * rng.randint(1, 6)
+            features = torch.randn(1, grid_height * grid_width, 128)
+            tokens = model.connector(features, (grid_height, grid_width), s, (grid_height // s, grid_width // s))
+            assert tokens.shape == (1, grid_height * grid_width // s**2, 128)
+
+
+def test_any_size_divisible_by_patch_times_s_yields_the_planned_token_count():
+    """Through the whole model: (H/p)(W/p)/s^2 features for an H x W image, for many rectangles."""
+    model = make_model()
+    rng = random.Random(1)
+    for _ in range(12):
+        s = rng.choice([1, 2, 4])
+        height, width = PATCH * s * rng.randint(1, 4), PATCH * s * rng.randint(1, 4)
+        budget = (height // PATCH) * (width // PATCH) // s**2
+        ip = NanoVLMImageProcessor(max_image_tokens=budget, shuffle_factors=[s])
+        batch = ip([random_image(height, width)], return_tensors="pt")
+        with torch.no_grad():
+            features = model.get_image_features(**batch)
+        assert features.shape == (budget, 128)
+
+
+# --- batching, text-only, generation -----------------------------------------------------------------
+
+
+def test_image_features_do_not_depend_on_the_batch(processor):
+    model = make_model()
+    images = [random_image(96, 160, 1), random_image(200, 64, 2), random_image(96, 160, 3), random_image(300, 300, 4)]
+    ip = processor.image_processor
+    with torch.no_grad():
+        together = model.get_image_features(**ip(images, return_tensors="pt"))
+        alone = [model.get_image_features(**ip([image], return_tensors="pt")) for image in images]
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_input_matches_the_bare_language_model(processor):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    batch = processor(text=["Which digit is shown?", "where"], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**batch).logits
+        bare = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(ours, bare)
+
+
+def test_loss_counts_only_labelled_positions(processor):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    batch = processor(text=["<image>Which digit is shown?"], images=[random_image(64, 96)], return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    logits = out.logits[0, -4:-1]
+    expected = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, -3:])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_cached_and_uncached_greedy_generation_agree(processor):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    batch = processor(
+        text=["<image>Which digit is shown and where?", "Where? <image>"],
+        images=[random_image(80, 150, 5), random_image(130, 70, 6)],
+        return_tensors="pt",
+    )
+    cached = model.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 8
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_sends_pixels_only_at_prefill(processor):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    batch = processor(text=["<image>Which digit?"], images=[random_image(64, 64)], return_tensors="pt")
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    model.generate(**batch, max_new_tokens=5, do_sample=False)
+    hook.remove()
+    assert len(calls) == 1
+
+
+def test_image_token_count_mismatch_names_both_counts(processor):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    batch = processor(text=["<image>Which digit?"], images=[random_image(64, 64)], return_tensors="pt")
+    n = int((batch["input_ids"] == processor.image_token_id).sum())
+    batch["input_ids"] = batch["input_ids"][:, 1:]  # drop one image token
+    with pytest.raises(ValueError, match=f"{n - 1} image tokens.*{n} image features"):
+        model(**batch)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=batch["input_ids"])
+
+
+# --- RoPE ---------------------------------------------------------------------------------------------
+
+
+def first_layer_logits(model, pixels):
+    """Attention logits q.k of the tower's first layer (patches only), as the layer computes them."""
+    tower = model.vision_tower
+    hidden = tower.embeddings(pixels)
+    cos, sin = tower.rope_embeddings(pixels)
+    layer = tower.model.layer[0]
+    attention = layer.attention
+    normed = layer.norm1(hidden)
+    heads = lambda t: t.view(1, -1, attention.num_heads, attention.head_dim).transpose(1, 2)  # noqa: E731
+    q, k = apply_rotary_pos_emb(heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), cos, sin)
+    prefix = model.num_prefix_tokens
+    return (q[..., prefix:, :] @ k[..., prefix:, :].transpose(-1, -2))[0]
+
+
+def test_rope_attention_logits_depend_on_where_the_content_is():
+    model = make_model()
+    grid = 6
+    rng = torch.Generator().manual_seed(0)
+    patch_a, patch_b = torch.randn(3, PATCH, PATCH, generator=rng), torch.randn(3, PATCH, PATCH, generator=rng)
+
+    def place(pos_a, pos_b):
+        pixels = torch.zeros(1, 3, grid * PATCH, grid * PATCH)
+        for patch, (row, col) in ((patch_a, pos_a), (patch_b, pos_b)):
+            pixels[0, :, row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH] = patch
+        return pixels
+
+    def logit(pos_a, pos_b):
+        with torch.no_grad():
+            logits = first_layer_logits(model, place(pos_a, pos_b))
+        return logits[:, pos_a[0] * grid + pos_a[1], pos_b[0] * grid + pos_b[1]]
+
+    near = logit((1, 1), (1, 2))
+    far = logit((1, 1), (4, 5))
+    assert (near - far).abs().max() > 1e-3  # moving the content to another offset changes the logit
+    # RoPE is relative: the same offset elsewhere gives the same logit (patch contents only, zeros around)
+    torch.testing.assert_close(logit((1, 1), (1, 2)), logit((3, 2), (3, 3)), rtol=1e-4, atol=1e-4)
+
+
+def reference_cos_sin(rope, grid_height, grid_width):
+    ys = (torch.arange(grid_height, dtype=torch.float64) + 0.5) / grid_height * 2 - 1
+    xs = (torch.arange(grid_width, dtype=torch.float64) + 0.5) / grid_width * 2 - 1
+    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    inv_freq = 1 / rope.base ** torch.arange(0, 1, 4 / rope.head_dim, dtype=torch.float64)
+    angles = (2 * torch.pi * coords[:, :, None] * inv_freq).flatten(1).tile(2)
+    return angles.cos(), angles.sin()
+
+
+def test_vision_rope_is_float32_even_in_bf16_models_and_under_autocast():
+    model = make_model().to(torch.bfloat16)
+    rope = model.vision_tower.rope_embeddings
+    cos, sin = rope.float32_cos_sin(37, 53, "cpu")
+    assert cos.dtype == torch.float32
+    ref_cos, ref_sin = reference_cos_sin(rope, 37, 53)
+    assert (cos.double() - ref_cos).abs().max() < 1e-5 and (sin.double() - ref_sin).abs().max() < 1e-5
+    # What stock transformers does with the cast buffer is measurably worse:
+    stock_freq = rope.inv_freq.to(torch.float32)
+    assert rope.inv_freq.dtype == torch.bfloat16 and not torch.equal(stock_freq, rope.angles_inv_freq("cpu"))
+    # Cast to the q/k dtype only when handed to attention:
+    pixels = torch.zeros(1, 3, 37 * PATCH, 53 * PATCH, dtype=torch.bfloat16)
+    applied_cos, _ = rope(pixels)
+    assert applied_cos.dtype == torch.bfloat16 and torch.equal(applied_cos, ref_cos.to(torch.bfloat16))
+    fp32_model = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_cos, _ = fp32_model.vision_tower.rope_embeddings(pixels.float())
+    assert autocast_cos.dtype == torch.bfloat16 and torch.equal(autocast_cos, ref_cos.to(torch.bfloat16))
+
+
+def test_language_model_rope_frequencies_stay_float32_after_a_bf16_cast():
+    model = make_model()
+    rotary = model.language_model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, before)
+    assert model.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_rope_augmentation_is_off_by_default_and_can_be_turned_on():
+    pixels = torch.randn(1, 3, 4 * PATCH, 6 * PATCH)
+    plain = make_model().train()
+    assert torch.equal(plain.vision_tower.rope_embeddings(pixels)[0], plain.vision_tower.rope_embeddings(pixels)[0])
+    augmented = make_model(vision_rope_augmentation=True).train()
+    rope = augmented.vision_tower.rope_embeddings
+    assert not torch.equal(rope(pixels)[0], rope(pixels)[0])
+    augmented.eval()
+    assert torch.equal(rope(pixels)[0], rope(pixels)[0])
+
+
+# --- precision and gradient checkpointing -----------------------------------------------------------
+
+
+def train_step(model, batch, labels, autocast=False, checkpointing=False):
+    model.train()
+    model.zero_grad()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch, labels=labels).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    return loss.detach(), grads
+
+
+def test_gradient_checkpointing_reaches_tower_and_lm(processor):
+    model = make_model()
+    model.gradient_checkpointing_enable()
+    flags = {
+        name.split(".")[0]
+        for name, module in model.named_modules()
+        if getattr(module, "gradient_checkpointing", False)
+    }
+    assert {"vision_tower", "language_model"} <= flags
+
+
+@pytest.mark.parametrize("long_side", [1024, 2048])
+def test_bf16_autocast_checkpointed_step_matches_fp32(processor, long_side):
+    """A long-side-1024/2048 image (2048 x 512 etc.): finite loss, gradients close to the fp32 plain step."""
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    image = random_image(long_side, long_side // 4, 7)
+    batch = processor(
+        text=["<image>Which digit is shown and where?"], images=[image], return_tensors="pt", max_image_tokens=256
+    )
+    labels = batch["input_ids"].clone()
+    labels[labels == processor.image_token_id] = -100
+    ref_loss, ref_grads = train_step(model, batch, labels)
+    loss, grads = train_step(model, batch, labels, autocast=True, checkpointing=True)
+    assert torch.isfinite(loss) and torch.isfinite(grads).all()
+    assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)
+    cosine = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0)
+    assert cosine > 0.99, cosine
+    # checkpointing alone (fp32) changes nothing but memory
+    _, fp32_ckpt_grads = train_step(model, batch, labels, checkpointing=True)
+    torch.testing.assert_close(fp32_ckpt_grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("long_side", [1024, 2048])
+def test_bf16_autocast_checkpointed_step_on_cuda(processor, long_side):
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id).cuda()
+    batch = processor(
+        text=["<image>Which digit?"], images=[random_image(long_side, long_side)], return_tensors="pt",
+        max_image_tokens=1024,
+    ).to("cuda")
+    labels = batch["input_ids"].clone()
+    labels[labels == processor.image_token_id] = -100
+    model.train()
+    model.zero_grad()
+    ref = model(**batch, labels=labels).loss
+    ref.backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch, labels=labels).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.isfinite(loss)
+    assert torch.nn.functional.cosine_similarity(grads.float(), ref_grads.float(), dim=0) > 0.99
