@@ -220,6 +220,13 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         model.config.base_models = [vision_model, text_model]
         return model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records one auto class per model class; the saved config maps AutoModel too.
+        if self._auto_class is not None:
+            target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": target}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # --- embeddings -------------------------------------------------------------------------------
 
     def get_input_embeddings(self):

@@ -1,0 +1,154 @@
+"""Saving, remote-code loading in a fresh process, Auto registration, and building from pretrained backbones."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, tiny_config
+from processing import NanoVLMImageProcessor, NanoVLMProcessor
+from processing.offline_tokenizer import build_tokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+# Makes `modeling_nanovlm` and `processing` unimportable, as on a machine that only has the saved folder.
+BLOCK_REPO = "import sys; sys.modules['modeling_nanovlm'] = None; sys.modules['processing'] = None\n"
+
+
+def run_fresh(script: str, cwd) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_REPO + textwrap.dedent(script)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model + processor saved as a Hub-ready folder, with reference logits for one input."""
+    folder = tmp_path_factory.mktemp("export") / "nanovlm"
+    tokenizer = build_tokenizer(["Which digit is shown and where? 7 top-left"] * 20)
+    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=48), tokenizer)
+    torch.manual_seed(0)
+    model = NanoVLMForConditionalGeneration(
+        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
+    ).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = np.random.default_rng(0).integers(0, 256, (90, 170, 3), dtype=np.uint8)
+    np.save(folder.parent / "image.npy", image)
+    batch = processor(text=["<image>Which digit is shown and where?"], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"batch": dict(batch), "logits": logits}, folder.parent / "reference.pt")
+    return folder
+
+
+def test_saved_folder_is_hub_ready(saved):
+    files = set(os.listdir(saved))
+    assert {"config.json", "model.safetensors", "modeling_nanovlm.py", "configuration_nanovlm.py"} <= files
+    assert {"processor_config.json", "image_processing_nanovlm.py", "processing_nanovlm.py", "tokenizer.json"} <= files
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_nanovlm.NanoVLMForConditionalGeneration"
+    assert config["auto_map"]["AutoConfig"] == "configuration_nanovlm.NanoVLMConfig"
+    processor_config = json.loads((saved / "processor_config.json").read_text())
+    assert processor_config["image_processor"]["max_image_tokens"] == 48
+
+
+def test_fresh_process_auto_classes_give_identical_logits(saved):
+    out = run_fresh(
+        f"""
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+        folder = {str(saved)!r}
+        reference = torch.load({str(saved.parent / "reference.pt")!r}, weights_only=False)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        assert type(config).__name__ == "NanoVLMConfig", type(config)
+        for auto in (AutoModel, AutoModelForImageTextToText):
+            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                logits = model(**reference["batch"]).logits
+            assert torch.equal(logits, reference["logits"]), (logits - reference["logits"]).abs().max()
+        print("identical")
+        """,
+        cwd=saved.parent,
+    )
+    assert "identical" in out
+
+
+def test_fresh_process_auto_processor_gives_identical_inputs(saved):
+    out = run_fresh(
+        f"""
+        import numpy as np, torch
+        from transformers import AutoProcessor
+        folder = {str(saved)!r}
+        reference = torch.load({str(saved.parent / "reference.pt")!r}, weights_only=False)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(processor).__name__ == "NanoVLMProcessor", type(processor)
+        assert processor.image_processor.max_image_tokens == 48
+        image = np.load({str(saved.parent / "image.npy")!r})
+        batch = processor(text=["<image>Which digit is shown and where?"], images=[image], return_tensors="pt")
+        for key, value in reference["batch"].items():
+            assert torch.equal(batch[key], value), key
+        print("identical")
+        """,
+        cwd=saved.parent,
+    )
+    assert "identical" in out
+
+
+def test_importing_the_package_registers_the_auto_classes(saved):
+    config = AutoConfig.from_pretrained(saved)
+    assert isinstance(config, NanoVLMConfig)
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        assert isinstance(auto.from_pretrained(saved), NanoVLMForConditionalGeneration)
+
+
+def test_from_backbones_loads_both_pretrained_parts(tmp_path):
+    torch.manual_seed(0)
+    vision = DINOv3ViTModel(
+        DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_register_tokens=2)
+    )
+    tokenizer = build_tokenizer(["a tiny language model for tests"] * 10)
+    tokenizer.add_special_tokens({"additional_special_tokens": []})
+    language = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer) - 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    language.save_pretrained(tmp_path / "text")
+    # a text checkpoint whose tokenizer lacks <image>, as real LMs do
+    plain = build_tokenizer(["a tiny language model for tests"] * 10)
+    plain.save_pretrained(tmp_path / "text")
+
+    model = NanoVLMForConditionalGeneration.from_backbones(str(tmp_path / "vision"), str(tmp_path / "text"))
+    processor = NanoVLMProcessor.from_backbones(str(tmp_path / "text"), max_image_tokens=16)
+
+    for name, tensor in vision.state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[name], tensor), name
+    embeddings = model.get_input_embeddings().weight
+    original = language.get_input_embeddings().weight
+    assert torch.equal(embeddings[: original.shape[0]], original)
+    assert embeddings.shape[0] >= len(processor.tokenizer) and embeddings.shape[0] % 64 == 0
+    assert model.config.image_token_id == processor.image_token_id
+    assert model.config.base_models == [str(tmp_path / "vision"), str(tmp_path / "text")]
+    image = np.zeros((64, 96, 3), dtype=np.uint8)
+    batch = processor(text=["<image>describe"], images=[image], return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all()
