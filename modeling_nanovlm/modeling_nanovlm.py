@@ -8,12 +8,15 @@ each image's patch grid into exactly the number of tokens its plan says.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from huggingface_hub import HfApi
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -27,6 +30,7 @@ from transformers.models.idefics2.configuration_idefics2 import Idefics2Perceive
 from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
 from .configuration_nanovlm import NanoVLMConfig
+from .model_card import render_model_card
 
 IMAGE_TOKEN = "<image>"
 PLAN_INPUTS = ("image_grid_hw", "image_token_hw", "image_shuffle_factor")
@@ -147,6 +151,12 @@ class NanoVLMConnector(nn.Module):
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
         if self.mode == "perceiver":
+            if factor != 1 or token_hw[0] * token_hw[1] != self.perceiver.n_latents:
+                raise ValueError(
+                    f"the image processor planned {token_hw[0] * token_hw[1]} tokens (shuffle factor {factor}) but "
+                    f"this model's Perceiver gives {self.perceiver.n_latents} per image: use a processor with "
+                    f"connector='perceiver' and perceiver_latents={self.perceiver.n_latents}"
+                )
             context = self.projection(features)
             mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
             return self.perceiver(context, attention_mask=mask)
@@ -157,7 +167,17 @@ class NanoVLMConnector(nn.Module):
             )
         grid_height, grid_width = grid_hw
         pooled_height, pooled_width = token_hw[0] * factor, token_hw[1] * factor
+        if not (0 < pooled_height <= grid_height and 0 < pooled_width <= grid_width):
+            raise ValueError(
+                f"token grid {tuple(token_hw)} x shuffle factor {factor} does not fit the {grid_height}x{grid_width} "
+                "patch grid: image_token_hw and image_shuffle_factor must come from the processor's plan"
+            )
         if (pooled_height, pooled_width) != (grid_height, grid_width):
+            if factor != max(int(s) for s in self.projections):
+                raise ValueError(
+                    f"the image processor pools at shuffle factor {factor}, which only happens when its factors "
+                    f"or connector mode differ from this model's (shuffle, {sorted(int(s) for s in self.projections)})"
+                )
             grid = features.transpose(1, 2).reshape(features.shape[0], -1, grid_height, grid_width)
             grid = F.adaptive_avg_pool2d(grid, (pooled_height, pooled_width))
             features = grid.flatten(2).transpose(1, 2)
@@ -220,12 +240,39 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         model.config.base_models = [vision_model, text_model]
         return model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, processor=None, metrics=None, **kwargs):
+        """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside."""
         # transformers records one auto class per model class; the saved config maps AutoModel too.
         if self._auto_class is not None:
             target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": target}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+        self._write_model_card(save_directory, Path(save_directory).name, processor, metrics)
+        return result
+
+    def _write_model_card(self, folder, repo, processor, metrics):
+        image_processor = getattr(processor, "image_processor", None)
+        render_model_card(self.config, repo, image_processor, metrics).save(Path(folder) / "README.md")
+
+    def push_to_hub(
+        self, repo_id: str, *, processor=None, metrics=None, commit_message=None, private=None, token=None,
+        revision=None, create_pr=False, max_shard_size="50GB", **kwargs,
+    ):
+        """Upload weights, config, remote code, model card (and `processor`, if given) in one commit."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, processor=processor, metrics=metrics, max_shard_size=max_shard_size)
+            self._write_model_card(folder, repo_id, processor, metrics)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload nanoVLM model",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # --- embeddings -------------------------------------------------------------------------------
 

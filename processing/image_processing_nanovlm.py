@@ -72,10 +72,12 @@ def _fit_side(side: float, step: int, max_side: int) -> int:
 def _pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
     """Largest (rows', cols') <= (rows, cols) with about the same aspect and rows' * cols' <= budget."""
     scale = math.sqrt(budget / (rows * cols))
+    if rows * scale < 1:  # a very wide image: one row, as many columns as the budget allows
+        return 1, min(cols, budget)
+    if cols * scale < 1:  # a very tall image: one column, as many rows as the budget allows
+        return min(rows, budget), 1
     pooled_rows = min(rows, max(1, math.floor(rows * scale + 1e-9)))
     pooled_cols = min(cols, max(1, math.floor(cols * scale + 1e-9)), budget // pooled_rows)
-    if pooled_rows * scale < 1:  # a very thin image: one row, as many columns as the budget allows
-        pooled_cols = min(cols, budget)
     return pooled_rows, pooled_cols
 
 

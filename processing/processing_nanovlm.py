@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import BatchEncoding
+from transformers.feature_extraction_utils import BatchFeature
 
 from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
 
@@ -60,6 +60,16 @@ class NanoVLMProcessor(ProcessorMixin):
             tokenizer.pad_token = tokenizer.eos_token
         return cls(image_processor=NanoVLMImageProcessor(**image_processor_kwargs), tokenizer=tokenizer)
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the image processor as this module's own class. Through AutoImageProcessor (the default) the
+        auto_map written for Hub export counts as remote code, so a local `from_pretrained` would demand
+        `trust_remote_code`, and remote loading would pair the processor with a second copy of the module."""
+        kwargs.pop("trust_remote_code", None)
+        image_processor = NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
+        return [image_processor, tokenizer]
+
     def _images_per_sample(self, text: list[str], images) -> list[list]:
         """Images grouped per sample, checked against the `<image>` count of each sample."""
         counts = [sample.count(IMAGE_TOKEN) for sample in text]
@@ -98,14 +108,18 @@ class NanoVLMProcessor(ProcessorMixin):
         truncation=False,
         max_length=None,
         add_special_tokens=False,
+        videos=None,
+        audio=None,
         **plan_overrides,
-    ) -> BatchEncoding:
+    ) -> BatchFeature:
         """Tokenize `text` with each `<image>` expanded to its planned tokens, and process `images`.
 
         `text` is a string or a list of strings; `images` a flat list (in placeholder order) or one list
         per sample. Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call.
         Padding is on the left by default, as generation wants; training collators pad on the right.
         """
+        if videos is not None or audio is not None:
+            raise ValueError("nanoVLM takes images and text only (no videos or audio)")
         if text is None:
             if images is None:
                 raise ValueError("give text, images, or both")
@@ -124,7 +138,9 @@ class NanoVLMProcessor(ProcessorMixin):
         if flat:
             try:
                 image_inputs = self.image_processor(flat, return_tensors=return_tensors, **plan_overrides)
-            except ImageInputError as error:
+            except ValueError as error:  # ImageInputError; remote code loads the image processor's own copy of it
+                if not hasattr(error, "image_index"):
+                    raise
                 sample = _sample_of_image(error.image_index, grouped)
                 raise ImageInputError(f"sample {sample}, {error}", image_index=error.image_index) from error
             token_counts = iter(int(h) * int(w) for h, w in image_inputs["image_token_hw"].tolist())
@@ -140,8 +156,7 @@ class NanoVLMProcessor(ProcessorMixin):
             return_tensors=return_tensors,
         )
         self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in expanded])
-        encoding.update(image_inputs)
-        return encoding
+        return BatchFeature(data={**encoding, **image_inputs}, tensor_type=return_tensors)
 
     def _check_image_tokens(self, input_ids, expected: list[int]):
         """Truncation must never cut through an image: every planned image token must survive."""
