@@ -81,6 +81,19 @@ def _pooled_grid(rows: int, cols: int, budget: int) -> tuple[int, int]:
     return pooled_rows, pooled_cols
 
 
+def _nearest_on_log_scale(value: float, choices) -> float:
+    return min(choices, key=lambda choice: abs(math.log(choice / value)))
+
+
+def _snapped(height: float, width: float, sizes, aspect_ratios) -> tuple[float, float]:
+    """(height, width) moved to the nearest listed long side and (optionally) width/height ratio."""
+    aspect = width / height
+    if aspect_ratios:
+        aspect = _nearest_on_log_scale(aspect, aspect_ratios)
+    long_side = _nearest_on_log_scale(max(height, width), sizes)
+    return (long_side / aspect, long_side) if aspect >= 1 else (long_side, long_side * aspect)
+
+
 def plan_image(
     height: int,
     width: int,
@@ -91,6 +104,8 @@ def plan_image(
     shuffle_factors: tuple[int, ...] = (1, 2, 4),
     connector: str = "shuffle",
     perceiver_latents: int = 64,
+    snap_sizes: tuple[int, ...] | None = None,
+    snap_aspect_ratios: tuple[float, ...] | None = None,
 ) -> ImagePlan:
     """The token plan for one image of `height` x `width` pixels (see design.md, "The plan").
 
@@ -98,6 +113,11 @@ def plan_image(
     - the long side is at most `max_image_size`; tiny images grow to at least one token;
     - the smallest factor s whose token grid fits `max_image_tokens` is chosen; if none fits, the
       largest s is used and the token grid is average-pooled to the largest same-aspect grid that fits.
+
+    Snapping (opt-in, for bucketed training): with `snap_sizes` the long side is first moved to the nearest
+    listed size and, with `snap_aspect_ratios`, width/height to the nearest listed ratio (both nearest on a
+    log scale), so every image of a bucket gets one exact shape and the tower runs once per batch. This
+    trades up to one bucket step of scale and aspect for speed.
     """
     if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))) or height < 1 or width < 1:
         raise ImageInputError(f"image size must be positive integers, got height={height!r}, width={width!r}")
@@ -120,10 +140,13 @@ def plan_image(
         )
 
     scale = min(1.0, max_image_size / max(height, width))
+    target_h, target_w = height * scale, width * scale
+    if snap_sizes:
+        target_h, target_w = _snapped(target_h, target_w, snap_sizes, snap_aspect_ratios)
     for s in factors:
         step = patch_size * s
-        resized_h = _fit_side(height * scale, step, max_image_size)
-        resized_w = _fit_side(width * scale, step, max_image_size)
+        resized_h = _fit_side(target_h, step, max_image_size)
+        resized_w = _fit_side(target_w, step, max_image_size)
         grid_h, grid_w = resized_h // patch_size, resized_w // patch_size
         if connector == "perceiver":
             return ImagePlan(resized_h, resized_w, grid_h, grid_w, 1, 1, perceiver_latents)
@@ -229,7 +252,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         image_token_hw        (N, 2)  token grid of each image (tokens = product)
         image_shuffle_factor  (N,)    pixel-shuffle factor of each image
 
-    Every budget field can be overridden per call: `processor(images, max_image_tokens=256)`.
+    Every plan field can be overridden per call: `processor(images, max_image_tokens=256)`. With
+    `snap_sizes` (and `snap_aspect_ratios`) images snap to a few exact shapes, one per bucket (see `plan_image`).
     """
 
     model_input_names = ["pixel_values", "image_grid_hw", "image_token_hw", "image_shuffle_factor"]
@@ -240,6 +264,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         "shuffle_factors",
         "connector",
         "perceiver_latents",
+        "snap_sizes",
+        "snap_aspect_ratios",
     )
 
     def __init__(
@@ -250,6 +276,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         shuffle_factors: list[int] | tuple[int, ...] = (1, 2, 4),
         connector: str = "shuffle",
         perceiver_latents: int = 64,
+        snap_sizes: list[int] | None = None,
+        snap_aspect_ratios: list[float] | None = None,
         image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD,
         resample: int = PILImageResampling.BICUBIC,
@@ -263,6 +291,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.shuffle_factors = sorted(int(s) for s in shuffle_factors)
         self.connector = connector
         self.perceiver_latents = perceiver_latents
+        self.snap_sizes = list(snap_sizes) if snap_sizes else None
+        self.snap_aspect_ratios = list(snap_aspect_ratios) if snap_aspect_ratios else None
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.resample = int(resample)
@@ -276,7 +306,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             raise TypeError(f"unknown plan setting(s) {sorted(unknown)}; valid: {list(self.plan_fields)}")
         settings = {name: getattr(self, name) for name in self.plan_fields}
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        settings["shuffle_factors"] = tuple(settings["shuffle_factors"])
+        for name in ("shuffle_factors", "snap_sizes", "snap_aspect_ratios"):
+            settings[name] = tuple(settings[name]) if settings[name] else None
         return plan_image(int(height), int(width), **settings)
 
     def num_image_tokens(self, height: int, width: int, **overrides) -> int:
