@@ -17,3 +17,8 @@ __all__ = [
 # Hub export: save_pretrained writes these modules next to processor_config.json with an auto_map.
 NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
+
+from .collator import NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
+from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
+
+__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key"]
