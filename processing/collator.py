@@ -1,0 +1,197 @@
+"""NanoVLMCollator: dataset rows -> a training batch whose labels cover only the assistant's answers."""
+
+from __future__ import annotations
+
+import torch
+
+from .processing_nanovlm import IMAGE_TOKEN
+
+IGNORE_INDEX = -100  # what the LM loss skips
+IMAGE_COLUMNS = ("images", "image")
+
+
+class NanoVLMCollator:
+    r"""Turns rows into the model's batch: input_ids, attention_mask, labels and the image inputs.
+
+    A row is a dict with images under "images" (a list) or "image" (one), and either
+      - "messages": a chat, a list of {"role", "content"}, content a string or a list of {"type": "image"} /
+        {"type": "text", "text": ...} parts (an image part may carry the image itself under "image" when the row
+        has no image column); each image part or `<image>` in a string is one image, in order; or
+      - "prompt" and "answer" strings: one user turn and one assistant turn; the prompt gets one `<image>` per
+        image in front when it has none.
+    Other keys are ignored. Text is rendered with the processor's chat template.
+
+    `labels` are -100 everywhere except the tokens of every assistant answer, the closing `<|im_end|>` included
+    (so the model learns to stop) and the newline after it excluded. Text is padded on the right; images are never
+    padded. `max_length` truncates on the right (the processor refuses to cut through an image); a row whose
+    answer is truncated away entirely is an error. Bad rows raise ValueError naming the row's place in the batch.
+    """
+
+    def __init__(self, processor, max_length: int | None = None, plan_overrides: dict | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        self.plan_overrides = dict(plan_overrides or {})
+        self.image_token_id = processor.image_token_id
+        self.end_of_turn = self.tokenizer.eos_token  # "<|im_end|>" for ChatML
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        texts, images, answer_spans = [], [], []
+        for index, row in enumerate(rows):
+            messages, row_images = self.conversation(row, index)
+            text, spans = self.render(messages, index)
+            if text.count(IMAGE_TOKEN) != len(row_images):
+                raise ValueError(
+                    f"row {index}: the text has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                    f"but the row has {len(row_images)} images"
+                )
+            texts.append(text)
+            images.append(row_images)
+            answer_spans.append(spans)
+
+        batch = self.processor(
+            text=texts,
+            images=images if any(images) else None,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            **self.plan_overrides,
+        )
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for index, (text, spans) in enumerate(zip(texts, answer_spans)):
+            labels[index] = self._row_labels(index, text, spans, batch["input_ids"][index], batch["attention_mask"][index])
+        return {**batch, "labels": labels}
+
+    # --- rows -> chat ------------------------------------------------------------------------------------
+
+    def conversation(self, row: dict, index: int = 0) -> tuple[list[dict], list]:
+        """The row as chat messages plus its images, in placeholder order."""
+        if not isinstance(row, dict):
+            raise ValueError(f"row {index}: expected a dict, got {type(row).__name__}")
+        images = self._row_images(row, index)
+        if "messages" in row:
+            messages = row["messages"]
+            self._check_messages(messages, index)
+            if not images:  # images may travel inside the image parts instead of a column
+                images = [
+                    part["image"]
+                    for message in messages
+                    if isinstance(message["content"], list)
+                    for part in message["content"]
+                    if part["type"] == "image" and part.get("image") is not None
+                ]
+            return messages, images
+        if "prompt" in row and "answer" in row:
+            prompt, answer = row["prompt"], row["answer"]
+            if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
+                raise ValueError(f"row {index}: 'prompt' must be a string and 'answer' a non-empty string")
+            if IMAGE_TOKEN not in prompt:
+                prompt = IMAGE_TOKEN * len(images) + prompt
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], images
+        raise ValueError(
+            f"row {index}: needs 'messages' or 'prompt' + 'answer' (and an image column), got keys {sorted(row)}"
+        )
+
+    def _row_images(self, row: dict, index: int) -> list:
+        present = [name for name in IMAGE_COLUMNS if row.get(name) is not None]
+        if len(present) > 1:
+            raise ValueError(f"row {index}: has both 'images' and 'image'; use one")
+        if not present:
+            return []
+        images = row[present[0]]
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
+    @staticmethod
+    def _check_messages(messages, index: int):
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(f"row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
+        for turn, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+                raise ValueError(f"row {index}: message {turn} must be a dict with a 'role' string and a 'content'")
+            content = message["content"]
+            if isinstance(content, str):
+                continue
+            if not isinstance(content, (list, tuple)):
+                raise ValueError(f"row {index}: message {turn} content must be a string or a list of parts")
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("image", "text"):
+                    raise ValueError(f"row {index}: message {turn} has a part that is not {{'type': 'image' | 'text'}}: {part!r}")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"row {index}: message {turn} has a text part without a 'text' string")
+        if messages[0]["role"] == "assistant":
+            raise ValueError(f"row {index}: the conversation starts with an assistant turn; it needs a prompt first")
+        if not any(message["role"] == "assistant" and message["content"] for message in messages):
+            raise ValueError(f"row {index}: no non-empty assistant turn, so nothing to learn from")
+
+    # --- chat -> text and answer spans -------------------------------------------------------------------
+
+    def render(self, messages: list[dict], index: int = 0) -> tuple[str, list[tuple[int, int]]]:
+        """The chat as text, and the character spans of the assistant answers (each up to its end-of-turn token).
+
+        An answer starts where the template's generation prompt for it ends, which holds for any template that
+        renders a conversation as the concatenation of its turns (ChatML does).
+        """
+        text = self._template(messages, add_generation_prompt=False)
+        spans = []
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._template(messages[:turn], add_generation_prompt=True)
+            through = self._template(messages[: turn + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    f"row {index}: the chat template does not render turns as a plain concatenation, "
+                    "so the assistant answer cannot be located"
+                )
+            end = through.rfind(self.end_of_turn, len(before))
+            spans.append((len(before), end + len(self.end_of_turn) if end >= 0 else len(through)))
+        return text, spans
+
+    def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def text_length(self, row: dict) -> int:
+        """Text tokens of a row, image tokens excluded: the sampler adds those from the image plan.
+
+        The row's image column is not needed (and not decoded); placeholders count for nothing either way.
+        """
+        messages, _ = self.conversation(row)
+        text, _ = self.render(messages)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return sum(1 for token in ids if token != self.image_token_id)
+
+    # --- labels --------------------------------------------------------------------------------------------
+
+    def _row_labels(self, index, text, spans, input_ids, attention_mask) -> torch.Tensor:
+        """Labels for one row of the processor's output, from the answer spans of its unexpanded text.
+
+        The text is tokenized here once more without expanding `<image>` (a special token, so the text around it
+        tokenizes the same either way); its non-image tokens are, in order, the non-image tokens of the row.
+        """
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        text_tokens = [
+            (token, any(start <= offset < end for start, end in spans))
+            for token, (offset, _) in zip(encoding["input_ids"], encoding["offset_mapping"])
+            if token != self.image_token_id
+        ]
+        positions = ((input_ids != self.image_token_id) & (attention_mask == 1)).nonzero().flatten()
+        kept = text_tokens[: len(positions)]  # truncation keeps a prefix
+        if [token for token, _ in kept] != input_ids[positions].tolist():
+            raise RuntimeError(f"row {index}: the processor tokenized the text differently from the collator")
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for position, (token, in_answer) in zip(positions.tolist(), kept):
+            if in_answer:
+                labels[position] = token
+        if not (labels != IGNORE_INDEX).any():
+            raise ValueError(
+                f"row {index}: max_length={self.max_length} truncates away the whole answer "
+                f"({len(input_ids)} tokens kept); raise max_length"
+            )
+        return labels
+
+
+__all__ = ["NanoVLMCollator", "IGNORE_INDEX"]

@@ -1,0 +1,327 @@
+"""BucketBatchSampler: batches of similar image shape and sequence length, exact under accelerate's sharding.
+
+Every sample's sequence length (text tokens + image tokens) and image buckets come from the image processor's
+plan, computed from (height, width) alone, so building the sampler never decodes an image.
+
+How an epoch is batched (deterministic from (seed, epoch)):
+  1. samples are grouped by bucket: for each image, (resized long side bucket, aspect-ratio range) -- see
+     `bucket_key`; a sample with several images is keyed by all of them;
+  2. inside a bucket, samples are sorted by length rounded up to `length_step`, then by exact image shape, and
+     samples that tie are ordered at random for this epoch -- so batches change from epoch to epoch while their
+     lengths, and hence the number of batches, do not;
+  3. batches are cut from each bucket: `batch_size` rows each (the rows left over in every bucket are pooled into
+     mixed batches, so every batch but one is full), or greedily up to `max_tokens_per_batch` padded tokens;
+  4. with `num_replicas` > 1 the largest batches are halved until the count is a multiple of `num_replicas`;
+  5. the batch order is shuffled (the one short fixed-size batch, if any, goes last).
+
+Why the number of batches must not change between epochs: the Trainer reads `len(dataloader)` once and plans
+every epoch's optimizer steps from it. That is why step 2 sorts whole buckets (by rounded length, random among
+ties) instead of sorting random megabatches, whose packing would give a different count each epoch.
+
+Sharding (accelerate's `BatchSamplerShard`, `split_batches=False`): process r gets batches r, r + N, r + 2N, ...
+A fixed batch size is only exposed (`self.batch_size`) when it holds for every batch but the last and there is one
+process. Otherwise `batch_size` is None: accelerate then deals batches round-robin without checking sizes, and
+because the count is a multiple of N, every process gets the same number of batches and every sample is seen
+exactly once per epoch -- with `even_batches` True or False. With `num_replicas` left at 1 on N > 1 processes,
+accelerate would instead repeat a few samples from the start of the epoch to even out the last round.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from .image_processing_nanovlm import ImagePlan, image_size
+
+# Resized long side, upper edges of the size buckets (anything larger falls in one more bucket).
+SIZE_BUCKETS = (512, 768, 1024, 1536)
+# Width / height, edges of the aspect-ratio ranges: tall, portrait, square-ish, landscape, wide.
+ASPECT_RATIO_EDGES = (0.5, 0.8, 1.25, 2.0)
+
+
+def bucket_key(
+    plan: ImagePlan,
+    size_buckets: Sequence[int] = SIZE_BUCKETS,
+    aspect_ratio_edges: Sequence[float] = ASPECT_RATIO_EDGES,
+) -> tuple[int, int]:
+    """(size bucket, aspect-ratio range) of one planned image: the one place that defines the buckets.
+
+    Both are indices: the size bucket counts the `size_buckets` edges below the resized long side, the aspect
+    range counts the `aspect_ratio_edges` below width / height. (Snapping images to bucket resolutions, if the
+    image processor gains it, should use this function too.)
+    """
+    long_side = max(plan.resized_height, plan.resized_width)
+    aspect = plan.resized_width / plan.resized_height
+    return bisect.bisect_left(size_buckets, long_side), bisect.bisect_left(aspect_ratio_edges, aspect)
+
+
+def _as_image_list(sizes) -> list[tuple[int, int]]:
+    """One sample's image sizes as a list of (height, width): accepts one pair, a list of pairs, or None."""
+    if sizes is None:
+        return []
+    if len(sizes) == 2 and all(isinstance(side, (int, np.integer)) for side in sizes):
+        return [(int(sizes[0]), int(sizes[1]))]
+    return [(int(height), int(width)) for height, width in sizes]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    r"""Batch sampler (yields lists of dataset indices) grouping samples by image bucket and sequence length.
+
+    Args:
+        image_sizes: per sample, the (height, width) of its image, a list of them, or None / [] for no image.
+        text_lengths: per sample, the number of text tokens (image tokens excluded, see
+            `NanoVLMCollator.text_length`).
+        image_processor: the `NanoVLMImageProcessor` whose plan gives each image's token count and shape.
+        batch_size: rows per batch; with `max_tokens_per_batch` it only caps the rows.
+        max_tokens_per_batch: variable batch size: rows x longest row (text + image tokens, i.e. the padded LM
+            batch) stays within this budget.
+        num_replicas: number of data-parallel processes; the batch count is made a multiple of it.
+        seed, shuffle: the epoch's order is a function of (seed, epoch) only; `shuffle=False` gives a fixed order.
+        size_buckets, aspect_ratio_edges: bucket edges, see `bucket_key`.
+        length_step: lengths are rounded up to a multiple of this before sorting; larger gives more varied batches
+            at the cost of up to `length_step - 1` padding tokens per row.
+        plan_overrides: plan settings used at batching time (e.g. `{"max_image_tokens": 256}`), the same ones
+            the collator's processor call uses.
+
+    `len(sampler)` is the same for every epoch. Resume mid-epoch with `state_dict()` / `load_state_dict()`, or
+    through accelerate's `skip_first_batches` (the Trainer's way): both give the remaining batches unchanged.
+    """
+
+    def __init__(
+        self,
+        image_sizes: Sequence,
+        text_lengths: Sequence[int],
+        image_processor,
+        batch_size: int | None = None,
+        max_tokens_per_batch: int | None = None,
+        num_replicas: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        size_buckets: Sequence[int] = SIZE_BUCKETS,
+        aspect_ratio_edges: Sequence[float] = ASPECT_RATIO_EDGES,
+        length_step: int = 16,
+        plan_overrides: dict | None = None,
+    ):
+        if len(image_sizes) != len(text_lengths):
+            raise ValueError(f"got {len(image_sizes)} image size entries but {len(text_lengths)} text lengths")
+        if batch_size is None and max_tokens_per_batch is None:
+            raise ValueError("give batch_size, max_tokens_per_batch, or both")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+            raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+        if num_replicas < 1 or length_step < 1:
+            raise ValueError(f"num_replicas and length_step must be >= 1, got {num_replicas} and {length_step}")
+        if len(text_lengths) < num_replicas:
+            raise ValueError(f"{len(text_lengths)} samples cannot give every one of {num_replicas} processes a batch")
+
+        self.image_processor = image_processor
+        self.plan_overrides = dict(plan_overrides or {})
+        self.size_buckets = tuple(size_buckets)
+        self.aspect_ratio_edges = tuple(aspect_ratio_edges)
+        self.rows_per_batch = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.num_replicas = num_replicas
+        self.seed = seed
+        self.shuffle = shuffle
+        self.length_step = length_step
+        # What accelerate's BatchSamplerShard reads: an int only when every batch but the last has exactly that
+        # many rows and no halving for replicas happens; None means "variable size" (see the module docstring).
+        self.batch_size = batch_size if max_tokens_per_batch is None and num_replicas == 1 else None
+
+        self.lengths, self.keys, self.shapes = [], [], []
+        for index, (sizes, text_length) in enumerate(zip(image_sizes, text_lengths)):
+            plans = [self.plan(height, width) for height, width in _as_image_list(sizes)]
+            length = int(text_length) + sum(plan.num_tokens for plan in plans)
+            if max_tokens_per_batch is not None and length > max_tokens_per_batch:
+                raise ValueError(
+                    f"sample {index} needs {length} tokens ({text_length} text + {length - int(text_length)} image), "
+                    f"more than max_tokens_per_batch={max_tokens_per_batch}"
+                )
+            self.lengths.append(length)
+            self.keys.append(tuple(sorted(self.bucket_of(plan) for plan in plans)))
+            self.shapes.append(tuple(sorted((plan.resized_height, plan.resized_width) for plan in plans)))
+        self.rounded_lengths = [-(-length // length_step) * length_step for length in self.lengths]
+
+        self.epoch = 0
+        self._cached = (None, None)  # (epoch, batches)
+        self._skip = 0  # batches to skip on the next __iter__ (set by load_state_dict)
+        self._yielded = 0  # batches of the current epoch handed out so far
+        self.num_batches = len(self.batches(0))
+
+    # --- plan and buckets: read from the image processor, never re-derived -------------------------------
+
+    def plan(self, height: int, width: int) -> ImagePlan:
+        return self.image_processor.plan(height, width, **self.plan_overrides)
+
+    def bucket_of(self, plan: ImagePlan) -> tuple[int, int]:
+        return bucket_key(plan, self.size_buckets, self.aspect_ratio_edges)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset,
+        image_processor,
+        text_length: Callable[[dict], int] | str,
+        image_column: str | None = None,
+        **kwargs,
+    ) -> "BucketBatchSampler":
+        """A sampler for a dataset of rows with an image column ("images" or "image" by default).
+
+        Image sizes are read from file headers (`image_size`); a `datasets.Dataset` image column is read as raw
+        bytes / paths, so no image is decoded. `text_length` is a function of a row without its image column
+        (e.g. `NanoVLMCollator(processor).text_length`) or the name of a column holding text lengths.
+        """
+        column_names = _column_names(dataset)
+        if image_column is None:
+            image_column = next((name for name in ("images", "image") if name in column_names), None)
+            if image_column is None:
+                raise ValueError(f"no 'images' or 'image' column among {column_names}; pass image_column=")
+        elif image_column not in column_names:
+            raise ValueError(f"image_column {image_column!r} is not among the columns {column_names}")
+
+        image_sizes, text_lengths = [], []
+        for images, row in _images_and_rows(dataset, image_column):
+            if images is not None and not isinstance(images, (list, tuple)):
+                images = [images]
+            image_sizes.append([image_size(_header_source(image)) for image in images or []])
+            text_lengths.append(int(row[text_length]) if isinstance(text_length, str) else int(text_length(row)))
+        return cls(image_sizes, text_lengths, image_processor, **kwargs)
+
+    # --- the epoch's batches -----------------------------------------------------------------------------
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of `epoch`, in order, before any sharding across processes."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        tie_break = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+
+        by_bucket = defaultdict(list)
+        for index, key in enumerate(self.keys):
+            by_bucket[key].append(index)
+        batches, leftovers = [], []
+        for key in sorted(by_bucket):
+            members = sorted(
+                by_bucket[key], key=lambda i: (-self.rounded_lengths[i], self.shapes[i], tie_break[i])
+            )
+            if self.max_tokens_per_batch is not None:
+                batches += self._pack(members)
+            else:
+                full = len(members) - len(members) % self.rows_per_batch
+                batches += _chunks(members[:full], self.rows_per_batch)
+                leftovers += members[full:]  # bucket by bucket, still sorted: neighbours stay similar
+        if leftovers:
+            batches += _chunks(leftovers, self.rows_per_batch)
+        batches = self._split_for_replicas(batches)
+
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.batch_size is not None:  # a short batch goes last, as a plain BatchSampler would give it
+            batches.sort(key=lambda batch: len(batch) < self.batch_size)
+        self._cached = (epoch, batches)
+        return batches
+
+    def _pack(self, members: list[int]) -> list[list[int]]:
+        """Greedy cut of length-sorted (longest first) samples into batches within the token budget."""
+        batches, batch = [], []
+        for index in members:
+            longest = self.rounded_lengths[batch[0] if batch else index]  # sorted: the first is the longest
+            too_many_tokens = (len(batch) + 1) * longest > self.max_tokens_per_batch
+            too_many_rows = self.rows_per_batch is not None and len(batch) >= self.rows_per_batch
+            if batch and (too_many_tokens or too_many_rows):
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        return batches + [batch] if batch else batches
+
+    def _split_for_replicas(self, batches: list[list[int]]) -> list[list[int]]:
+        """Halve the largest batches until every process gets the same number (never repeats a sample)."""
+        while len(batches) % self.num_replicas:
+            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+            batch = batches[largest]
+            if len(batch) < 2:
+                raise ValueError(
+                    f"cannot split {len(batches)} single-sample batches evenly over {self.num_replicas} processes "
+                    "without repeating samples; raise max_tokens_per_batch or use fewer processes"
+                )
+            half = (len(batch) + 1) // 2
+            batches[largest : largest + 1] = [batch[:half], batch[half:]]
+        return batches
+
+    # --- torch Sampler protocol, epochs, resuming --------------------------------------------------------
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:  # a resume point only holds for its own epoch
+            self._yielded = self._skip = 0
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches - self._skip
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        start, self._skip = self._skip, 0
+        self._yielded = start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield list(batch)
+
+    def state_dict(self) -> dict:
+        """Where the current epoch stands: batches handed out so far (by this sampler, before sharding)."""
+        return {"seed": self.seed, "epoch": self.epoch, "num_batches_yielded": self._yielded}
+
+    def load_state_dict(self, state: dict):
+        """The next iteration continues `state`'s epoch after the batches it had already yielded."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"the state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        self.epoch = state["epoch"]
+        self._skip = self._yielded = state["num_batches_yielded"]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _column_names(dataset) -> list[str]:
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    return list(dataset[0].keys()) if len(dataset) else []
+
+
+def _images_and_rows(dataset, image_column: str):
+    """(images, row without images) per sample; a `datasets.Dataset` is read as Arrow so images stay encoded."""
+    try:
+        import datasets
+    except ImportError:  # datasets is a dependency, but a plain list of rows needs nothing from it
+        datasets = None
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        raw_images = dataset.select_columns([image_column]).with_format("arrow")
+        text_rows = dataset.remove_columns([image_column])
+        start = 0
+        for table in raw_images.iter(batch_size=1000):
+            for offset, images in enumerate(table[image_column].to_pylist()):
+                yield images, text_rows[start + offset]
+            start += table.num_rows
+        return
+    for index in range(len(dataset)):
+        row = dict(dataset[index])
+        yield row.pop(image_column), row
+
+
+def _header_source(image):
+    """What `image_size` reads: encoded bytes or a path from a `datasets` image struct, else the image itself."""
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return image["bytes"]
+        if image.get("path"):
+            return image["path"]
+        raise ValueError(f"image entry {image!r} has neither bytes nor a path")
+    return image
+
+
+__all__ = ["BucketBatchSampler", "bucket_key", "SIZE_BUCKETS", "ASPECT_RATIO_EDGES"]
