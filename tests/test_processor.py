@@ -1,0 +1,295 @@
+"""NanoVLMProcessor: per-call budget override, save / load (local and remote code in a fresh process),
+mismatches and truncation, factor errors, forward + backward through both connectors, chat templates."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_nanovlm import pixel_shuffle, pixel_unshuffle
+from processing import ImageTextMismatchError, NanoVLMImageProcessor, NanoVLMProcessor
+
+
+def noise(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def image_tokens(batch, processor):
+    return (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+
+
+# --- per-call override -----------------------------------------------------------------------------
+
+
+def test_per_call_override_changes_this_call_only(processor):
+    image = noise(256, 256)
+    assert image_tokens(processor(text="<image> hi", images=[image], return_tensors="pt"), processor) == [64]
+    small = processor(text="<image> hi", images=[image], return_tensors="pt", max_image_tokens=16)
+    assert image_tokens(small, processor) == [16] and small["image_shuffle_factor"].tolist() == [4]
+    assert processor.image_processor.max_image_tokens == 64  # config unchanged
+    assert image_tokens(processor(text="<image> hi", images=[image], return_tensors="pt"), processor) == [64]
+    low_res = processor(text="<image>", images=[image], return_tensors="pt", max_image_size=128)
+    assert low_res["image_grid_hw"].tolist() == [[8, 8]] and processor.image_processor.max_image_size == 512
+    assert processor.num_image_tokens(256, 256, max_image_tokens=16) == 16
+    with pytest.raises(TypeError, match="unknown plan setting"):  # a misspelt override is not dropped silently
+        processor(text="<image>", images=[image], max_image_token=16)
+
+
+def test_text_only_and_images_only_calls(processor):
+    batch = processor(text=["no image here", "nor here"], return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    images_only = processor(images=[noise(64, 96)], return_tensors="pt")
+    assert images_only["image_token_hw"].tolist() == [[4, 6]]
+    with pytest.raises(ValueError, match="give text, images, or both"):
+        processor()
+
+
+# --- save / load -----------------------------------------------------------------------------------
+
+ROUND_TRIP_TEXTS = ["<image> what is this?", "two: <image> and <image> here"]
+
+
+def round_trip_images():
+    return [noise(90, 200, 1), noise(300, 120, 2), noise(33, 47, 3)]
+
+
+def test_config_round_trip(tokenizer, tmp_path):
+    processor = NanoVLMProcessor(
+        image_processor=NanoVLMImageProcessor(max_image_tokens=37, max_image_size=384, shuffle_factors=[1, 2]),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    settings = saved.get("image_processor", saved)
+    assert settings["max_image_tokens"] == 37 and settings["max_image_size"] == 384
+    assert settings["shuffle_factors"] == [1, 2]
+    assert {"processing_nanovlm.py", "image_processing_nanovlm.py"} <= set(os.listdir(tmp_path))
+
+    loaded = NanoVLMProcessor.from_pretrained(tmp_path)  # no trust_remote_code needed for our own class
+    assert type(loaded.image_processor) is NanoVLMImageProcessor
+    for field in NanoVLMImageProcessor.plan_fields:
+        assert getattr(loaded.image_processor, field) == getattr(processor.image_processor, field), field
+    assert loaded.image_token_id == processor.image_token_id
+    before = processor(text=ROUND_TRIP_TEXTS, images=round_trip_images(), return_tensors="pt")
+    after = loaded(text=ROUND_TRIP_TEXTS, images=round_trip_images(), return_tensors="pt")
+    assert set(before) == set(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    import numpy as np
+
+    class BlockRepository(importlib.abc.MetaPathFinder):  # even an editable install must not help
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("processing", "modeling_nanovlm"):
+                raise ImportError(f"{name} must not be importable here")
+
+    sys.meta_path.insert(0, BlockRepository())
+    from transformers import AutoProcessor
+
+    folder = sys.argv[1]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+    assert type(processor.image_processor).__module__.startswith("transformers_modules")
+    images = [np.load(f"{folder}/image{i}.npy") for i in range(3)]
+    batch = processor(text=json.load(open(f"{folder}/texts.json")), images=images, return_tensors="np")
+    np.savez(f"{folder}/remote.npz", **batch)
+    small = processor(text="<image>", images=images[:1], max_image_tokens=4, return_tensors="np")
+    try:
+        processor(text=["<image>", "<image>"], images=[images[0], b"not an image"])
+        error = None
+    except ValueError as caught:
+        error = str(caught)
+    print(json.dumps({
+        "max_image_tokens": processor.image_processor.max_image_tokens,
+        "override_tokens": int((small["input_ids"] == processor.image_token_id).sum()),
+        "error": error,
+    }))
+    """
+)
+
+
+def test_auto_processor_loads_remote_code_in_a_fresh_process(tokenizer, tmp_path):
+    folder = tmp_path / "saved"
+    processor = NanoVLMProcessor(
+        image_processor=NanoVLMImageProcessor(max_image_tokens=37, max_image_size=384), tokenizer=tokenizer
+    )
+    processor.save_pretrained(folder)
+    assert {"processing_nanovlm.py", "image_processing_nanovlm.py"} <= set(os.listdir(folder))
+    images = round_trip_images()
+    for index, image in enumerate(images):
+        np.save(folder / f"image{index}.npy", image)
+    (folder / "texts.json").write_text(json.dumps(ROUND_TRIP_TEXTS))
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder)], cwd=workdir, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["max_image_tokens"] == 37
+    assert report["override_tokens"] == processor.num_image_tokens(90, 200, max_image_tokens=4) == 3
+    assert report["error"] is not None and "sample 1, image 1" in report["error"]
+    local = processor(text=ROUND_TRIP_TEXTS, images=images, return_tensors="np")
+    remote = np.load(folder / "remote.npz")
+    assert set(remote.files) == set(local)
+    for key in local:
+        np.testing.assert_array_equal(remote[key], local[key], err_msg=key)
+
+
+# --- mismatches and truncation ---------------------------------------------------------------------
+
+
+def test_image_placeholder_mismatches_are_errors(processor):
+    image = noise(32, 32)
+    cases = [
+        (dict(text="<image> one", images=[image, image]), r"1 <image> placeholders .* but 2 images"),
+        (dict(text=["<image>", "<image> <image>"], images=[image, image]), r"3 <image> placeholders .*\[1, 2\].* 2 images"),
+        (dict(text="no placeholder", images=[image]), r"0 <image> placeholders .* but 1 images"),
+        (dict(text="<image> but none given"), r"1 <image> placeholders .* but 0 images"),
+        (dict(text=["<image>", "<image>"], images=[[image, image], []]), r"sample 0 has 1 <image> placeholders but 2 images"),
+        (dict(text=["<image>", "<image>"], images=[[image]]), r"image lists for 1 samples but 2 texts"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ImageTextMismatchError, match=message):
+            processor(**kwargs)
+    assert issubclass(ImageTextMismatchError, ValueError)
+    grouped = processor(text=["<image>", "a <image> b <image>"], images=[[image], [image, image]], return_tensors="pt")
+    assert image_tokens(grouped, processor) == [4, 8]  # 32x32 at s=1: 2x2 tokens each
+
+
+def test_truncation_through_image_tokens_is_an_error(processor):
+    image = noise(256, 256)  # 64 image tokens
+    with pytest.raises(ValueError, match=r"sample 1: the images need 64 image tokens but 10 remain.*truncation"):
+        processor(text=["short", "<image> and some text"], images=[image], truncation=True, max_length=10)
+    ok = processor(text="<image> and some more text", images=[image], truncation=True, max_length=66, return_tensors="pt")
+    assert image_tokens(ok, processor) == [64] and ok["input_ids"].shape[1] == 66  # text cut, image kept whole
+
+
+# --- factor errors -----------------------------------------------------------------------------------
+
+
+def test_pixel_shuffle_checks_the_grid():
+    x = torch.randn(2, 6 * 10, 8)
+    shuffled = pixel_shuffle(x, 6, 10, 2)
+    assert shuffled.shape == (2, 15, 32)
+    assert torch.equal(pixel_unshuffle(shuffled, 6, 10, 2), x)
+    assert torch.equal(shuffled[0, 0], torch.cat([x[0, 0], x[0, 1], x[0, 10], x[0, 11]]))  # one 2x2 cell, row-major
+    with pytest.raises(ValueError, match="factor 4 does not divide the 6x10 grid"):
+        pixel_shuffle(x, 6, 10, 4)
+    with pytest.raises(ValueError, match="do not form a 7x10 grid"):
+        pixel_shuffle(x, 7, 10, 1)
+    with pytest.raises(ValueError, match="is not a 6x10 grid shuffled by 3"):
+        pixel_unshuffle(shuffled, 6, 10, 3)
+
+
+def test_model_refuses_a_factor_it_has_no_projection_for(processor, make_tiny_model):
+    model = make_tiny_model(shuffle_factors=(1, 2)).eval()
+    batch = processor(text="<image>", images=[noise(256, 256)], max_image_tokens=16, return_tensors="pt")
+    assert batch["image_shuffle_factor"].tolist() == [4]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"shuffle factor 4.*only has projections for \[1, 2\]"):
+        model(**batch)
+
+
+def test_model_refuses_a_plan_that_does_not_fit_the_grid(processor, tiny_model):
+    batch = processor(text="<image>", images=[noise(96, 96)], max_image_tokens=9, return_tensors="pt")
+    assert batch["image_grid_hw"].tolist() == [[6, 6]] and batch["image_token_hw"].tolist() == [[3, 3]]
+    bad = {**batch, "image_shuffle_factor": torch.tensor([4])}  # 3x3 tokens x 4 = 12x12 > 6x6 patches
+    with torch.no_grad(), pytest.raises(ValueError, match=r"does not fit the 6x6 patch grid"):
+        tiny_model(**bad)
+    with torch.no_grad(), pytest.raises(ValueError, match="hold 35 patches but image_grid_hw describes 36"):
+        tiny_model(**{**batch, "pixel_values": batch["pixel_values"][:-1]})
+
+
+# --- forward + backward through each connector -------------------------------------------------------
+
+
+def train_step(model, batch, image_token_id):
+    model.train()
+    labels = batch["input_ids"].clone()
+    labels[(labels == image_token_id) | (batch["attention_mask"] == 0)] = -100
+    out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss), out.loss
+    out.loss.backward()
+    return out
+
+
+def assert_has_grad(parameter, name):
+    assert parameter.grad is not None, f"no gradient reaches {name}"
+    assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+
+def test_forward_backward_shuffle_connector_mixed_sizes(tokenizer, make_tiny_model):
+    processor = NanoVLMProcessor(image_processor=NanoVLMImageProcessor(max_image_tokens=16), tokenizer=tokenizer)
+    model = make_tiny_model()
+    sizes = [(40, 60), (100, 130), (400, 300)]  # s=1, s=2, and s=4 pooled
+    plans = [processor.image_processor.plan(h, w) for h, w in sizes]
+    assert [p.shuffle_factor for p in plans] == [1, 2, 4] and plans[2].pooled
+    batch = processor(
+        text=["<image> what is it?", "two: <image> and <image> in one."],  # text after each image carries its loss
+        images=[noise(h, w, i) for i, (h, w) in enumerate(sizes)],
+        padding_side="right",
+        return_tensors="pt",
+    )
+    train_step(model, batch, processor.image_token_id)
+    assert_has_grad(model.vision_tower.embeddings.patch_embeddings.weight, "the vision tower's patch embedding")
+    assert_has_grad(model.vision_tower.get_parameter("model.layer.0.attention.q_proj.weight"), "the tower's first layer")
+    for s in (1, 2, 4):
+        assert_has_grad(model.connector.projections[str(s)].fc1.weight, f"the s={s} projection")
+    assert_has_grad(model.get_input_embeddings().weight, "the LM embeddings")
+
+
+def test_forward_backward_perceiver_connector_mixed_sizes(tokenizer, make_tiny_model):
+    image_processor = NanoVLMImageProcessor(max_image_tokens=64, connector="perceiver", perceiver_latents=8)
+    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32)
+    images = [noise(40, 60, 0), noise(100, 130, 1), noise(300, 200, 2)]
+    batch = processor(
+        text=["<image> what is it?", "two: <image> and <image> in one."], images=images, padding_side="right",
+        return_tensors="pt",
+    )
+    assert image_tokens(batch, processor) == [8, 16]
+    assert len({tuple(g) for g in batch["image_grid_hw"].tolist()}) == 3  # three distinct shapes in one batch
+    train_step(model, batch, processor.image_token_id)
+    assert_has_grad(model.vision_tower.embeddings.patch_embeddings.weight, "the vision tower's patch embedding")
+    assert_has_grad(model.connector.projection.fc1.weight, "the Perceiver's input projection")
+    assert_has_grad(model.connector.perceiver.latents, "the Perceiver latents")
+
+
+# --- chat template -------------------------------------------------------------------------------------
+
+
+def test_apply_chat_template_with_images(processor, tiny_model):
+    first, second = Image.fromarray(noise(100, 150, 0)), Image.fromarray(noise(64, 64, 1))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cup of coffee."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+    ]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.count("<image>") == 2 and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>user\n<image>What is this?<|im_end|>\n")
+    batch = processor(text=prompt, images=[first, second], return_tensors="pt")
+    assert image_tokens(batch, processor) == [processor.num_image_tokens(100, 150) + processor.num_image_tokens(64, 64)]
+
+    # tokenize=True loads the images from the messages themselves
+    with_images = [{"role": "user", "content": [{"type": "image", "image": first}, {"type": "text", "text": "What?"}]}]
+    encoded = processor.apply_chat_template(
+        with_images, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    assert image_tokens(encoded, processor) == [processor.num_image_tokens(100, 150)]
+    with torch.no_grad():
+        generated = tiny_model.generate(**encoded, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, encoded["input_ids"].shape[1] + 3)
