@@ -55,35 +55,38 @@ class NanoVLMConfig(PreTrainedConfig):
         return int(self.vision_config.patch_size)
 
 
+def _preset(vision: dict, text: dict, image_token_id: int, overrides: dict) -> NanoVLMConfig:
+    """A config from preset sub-config fields; `vision={...}` / `text={...}` override single fields."""
+    vision = {"model_type": "dinov3_vit", **vision, **overrides.pop("vision", {})}
+    text = {"model_type": "llama", **text, **overrides.pop("text", {})}
+    return NanoVLMConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+
+
 def tiny_config(vocab_size: int = 320, image_token_id: int = 3, **overrides) -> NanoVLMConfig:
     """A ~1M-parameter model for tests and the built-in digits task (random weights, CPU friendly)."""
     vision = dict(
-        model_type="dinov3_vit", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, patch_size=16, num_register_tokens=4, layerscale_value=1.0,
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, patch_size=16,
+        num_register_tokens=4, layerscale_value=1.0,
     )
     text = dict(
-        model_type="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
     )
-    vision.update(overrides.pop("vision", {}))
-    text.update(overrides.pop("text", {}))
-    return NanoVLMConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+    return _preset(vision, text, image_token_id, overrides)
 
 
 def small_config(vocab_size: int = 49153, image_token_id: int = 49152, **overrides) -> NanoVLMConfig:
     """Shapes of DINOv3 ViT-S/16 (facebook/dinov3-vits16-pretrain-lvd1689m) + SmolLM2-135M."""
     vision = dict(
-        model_type="dinov3_vit", hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
-        num_attention_heads=6, patch_size=16, num_register_tokens=4, layerscale_value=1.0,
+        hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=16,
+        num_register_tokens=4, layerscale_value=1.0,
     )
     text = dict(
-        model_type="llama", vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=0, eos_token_id=0,
     )
-    vision.update(overrides.pop("vision", {}))
-    text.update(overrides.pop("text", {}))
-    return NanoVLMConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+    return _preset(vision, text, image_token_id, overrides)
 
 
 __all__ = ["NanoVLMConfig", "tiny_config", "small_config"]

@@ -160,7 +160,7 @@ class NanoVLMCollator:
         The row's image column is not needed (and not decoded); placeholders count for nothing either way.
         """
         messages, _ = self.conversation(row)
-        text, _ = self.render(messages)
+        text = self._template(messages, add_generation_prompt=False)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return sum(1 for token in ids if token != self.image_token_id)
 
