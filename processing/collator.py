@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
 
 IGNORE_INDEX = -100  # what the LM loss skips
@@ -33,7 +34,10 @@ class NanoVLMCollator:
         self.max_length = max_length
         self.plan_overrides = dict(plan_overrides or {})
         self.image_token_id = processor.image_token_id
-        self.end_of_turn = self.tokenizer.eos_token  # "<|im_end|>" for ChatML
+        # The token that closes a turn: ChatML's <|im_end|> (the default template) even where the tokenizer's eos is
+        # another token, as in base (non-instruct) SmolLM2 checkpoints.
+        has_chatml_end = "<|im_end|>" in self.tokenizer.get_vocab()
+        self.end_of_turn = "<|im_end|>" if has_chatml_end else self.tokenizer.eos_token
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts, images, answer_spans = [], [], []
@@ -49,19 +53,24 @@ class NanoVLMCollator:
             images.append(row_images)
             answer_spans.append(spans)
 
-        batch = self.processor(
-            text=texts,
-            images=images if any(images) else None,
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            truncation=self.max_length is not None,
-            max_length=self.max_length,
-            **self.plan_overrides,
-        )
+        try:
+            batch = self.processor(
+                text=texts,
+                images=images if any(images) else None,
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                **self.plan_overrides,
+            )
+        except ImageInputError as error:
+            raise _name_the_row(error, images) from error
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for index, (text, spans) in enumerate(zip(texts, answer_spans)):
-            labels[index] = self._row_labels(index, text, spans, batch["input_ids"][index], batch["attention_mask"][index])
+            labels[index] = self._row_labels(
+                index, text, spans, batch["input_ids"][index], batch["attention_mask"][index]
+            )
         return {**batch, "labels": labels}
 
     # --- rows -> chat ------------------------------------------------------------------------------------
@@ -117,7 +126,9 @@ class NanoVLMCollator:
                 raise ValueError(f"row {index}: message {turn} content must be a string or a list of parts")
             for part in content:
                 if not isinstance(part, dict) or part.get("type") not in ("image", "text"):
-                    raise ValueError(f"row {index}: message {turn} has a part that is not {{'type': 'image' | 'text'}}: {part!r}")
+                    raise ValueError(
+                        f"row {index}: message {turn} has a part that is not {{'type': 'image' | 'text'}}: {part!r}"
+                    )
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise ValueError(f"row {index}: message {turn} has a text part without a 'text' string")
         if messages[0]["role"] == "assistant":
@@ -192,6 +203,21 @@ class NanoVLMCollator:
                 f"({len(input_ids)} tokens kept); raise max_length"
             )
         return labels
+
+
+def _name_the_row(error: ImageInputError, images: list[list]) -> ImageInputError:
+    """The processor counts images across the batch; say which row, and which of its images, failed."""
+    if error.image_index is None:
+        return error
+    cause = error
+    while isinstance(cause.__cause__, ImageInputError):  # the innermost message says what is wrong
+        cause = cause.__cause__
+    position = error.image_index
+    for row, row_images in enumerate(images):
+        if position < len(row_images):
+            return ImageInputError(f"row {row}, image {position} of the row: {cause}", image_index=error.image_index)
+        position -= len(row_images)
+    return error
 
 
 __all__ = ["NanoVLMCollator", "IGNORE_INDEX"]

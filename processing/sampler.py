@@ -5,7 +5,8 @@ plan, computed from (height, width) alone, so building the sampler never decodes
 
 How an epoch is batched (deterministic from (seed, epoch)):
   1. samples are grouped by bucket: for each image, (resized long side bucket, aspect-ratio range) -- see
-     `bucket_key`; a sample with several images is keyed by all of them;
+     `bucket_key` -- or its exact shape when the image processor snaps images to bucket resolutions; a sample
+     with several images is keyed by all of them;
   2. inside a bucket, samples are sorted by length rounded up to `length_step`, then by exact image shape, and
      samples that tie are ordered at random for this epoch -- so batches change from epoch to epoch while their
      lengths, and hence the number of batches, do not;
@@ -48,11 +49,11 @@ def bucket_key(
     size_buckets: Sequence[int] = SIZE_BUCKETS,
     aspect_ratio_edges: Sequence[float] = ASPECT_RATIO_EDGES,
 ) -> tuple[int, int]:
-    """(size bucket, aspect-ratio range) of one planned image: the one place that defines the buckets.
+    """(size bucket, aspect-ratio range) of one planned image: where the sampler's buckets are defined.
 
     Both are indices: the size bucket counts the `size_buckets` edges below the resized long side, the aspect
-    range counts the `aspect_ratio_edges` below width / height. (Snapping images to bucket resolutions, if the
-    image processor gains it, should use this function too.)
+    range counts the `aspect_ratio_edges` below width / height. When the image processor snaps images to bucket
+    resolutions (`snap_sizes`), the sampler uses the exact snapped shape instead: the processor owns that grid.
     """
     long_side = max(plan.resized_height, plan.resized_width)
     aspect = plan.resized_width / plan.resized_height
@@ -121,6 +122,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
         self.image_processor = image_processor
         self.plan_overrides = dict(plan_overrides or {})
+        self.snapping = bool(self.plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
         self.size_buckets = tuple(size_buckets)
         self.aspect_ratio_edges = tuple(aspect_ratio_edges)
         self.rows_per_batch = batch_size
@@ -159,6 +161,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self.image_processor.plan(height, width, **self.plan_overrides)
 
     def bucket_of(self, plan: ImagePlan) -> tuple[int, int]:
+        if self.snapping:  # every image already sits on one of a few exact shapes: those are the buckets
+            return plan.resized_height, plan.resized_width
         return bucket_key(plan, self.size_buckets, self.aspect_ratio_edges)
 
     @classmethod
@@ -295,11 +299,9 @@ def _column_names(dataset) -> list[str]:
 
 def _images_and_rows(dataset, image_column: str):
     """(images, row without images) per sample; a `datasets.Dataset` is read as Arrow so images stay encoded."""
-    try:
-        import datasets
-    except ImportError:  # datasets is a dependency, but a plain list of rows needs nothing from it
-        datasets = None
-    if datasets is not None and isinstance(dataset, datasets.Dataset):
+    import datasets  # here, not at module level: importing it is slow and a list of rows does not need it
+
+    if isinstance(dataset, datasets.Dataset):
         raw_images = dataset.select_columns([image_column]).with_format("arrow")
         text_rows = dataset.remove_columns([image_column])
         start = 0

@@ -1,0 +1,78 @@
+"""Real multi-process training (torchrun, gloo on CPU) and the shipped accelerate configs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_SAMPLES, NUM_EPOCHS, NUM_PROCESSES = 9, 2, 2  # as in tests/multiprocess_train.py
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_split_every_epoch_exactly_resume_exactly_and_stay_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NUM_PROCESSES}",
+        f"--master_port={free_port()}", str(REPO / "tests" / "multiprocess_train.py"), str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+    assert [record["world_size"] for record in records] == [NUM_PROCESSES] * NUM_PROCESSES
+    steps_per_epoch = records[0]["batches_per_epoch"]
+    assert steps_per_epoch == 3  # 9 samples in batches of 2: 5 batches, one halved to make 6 for 2 processes
+    assert all(len(record["batches"]) == NUM_EPOCHS * steps_per_epoch for record in records)
+
+    epoch_orders = []
+    for epoch in range(NUM_EPOCHS):
+        per_rank = [record["batches"][epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch] for record in records]
+        seen = [index for batches in per_rank for batch in batches for index in batch]
+        assert sorted(seen) == list(range(NUM_SAMPLES)), f"epoch {epoch}: {per_rank}"  # disjoint, complete
+        epoch_orders.append(per_rank)
+    assert epoch_orders[0] != epoch_orders[1]  # the sampler's epoch reached every process
+
+    assert records[0]["after"] == records[1]["after"]  # DDP kept the replicas identical
+    assert records[0]["after"] != records[0]["initial"]
+
+    # Resumed from the checkpoint after step 4 (inside epoch 1): each process trains on exactly the batches the
+    # uninterrupted run trained on after that step, in the same order, and ends with the same weights.
+    for record in records:
+        assert record["resumed_batches"] == record["batches"][4:]
+        assert record["resumed_after"] == record["after"]
+
+
+# --- accelerate configs --------------------------------------------------------------------------------
+
+
+def load_config(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(REPO / "examples" / "accelerate" / name))
+
+
+def test_ddp_config_is_bf16_data_parallel():
+    config = load_config("ddp_bf16.yaml")
+    assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "bf16"
+
+
+def test_fsdp_config_wraps_layers_the_model_has():
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
+
+    config = load_config("fsdp_bf16.yaml")
+    assert config.distributed_type == "FSDP" and config.mixed_precision == "bf16"
+    assert config.fsdp_config["fsdp_version"] == 2
+    layer_classes = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    model_classes = {type(module).__name__ for module in NanoVLMForConditionalGeneration(tiny_config()).modules()}
+    assert set(layer_classes) <= model_classes  # accelerate raises on a class the model does not have
