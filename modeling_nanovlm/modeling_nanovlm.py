@@ -209,6 +209,10 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         self.connector = NanoVLMConnector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.num_prefix_tokens = 1 + config.vision_config.num_register_tokens  # CLS + registers, dropped
+        # FSDP wraps these; the Perceiver's layers exist only with that connector.
+        self._no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer"] + (
+            ["Idefics2PerceiverLayer"] if config.connector == "perceiver" else []
+        )
         self.post_init()
 
     # --- construction from pretrained parts -------------------------------------------------------
@@ -228,6 +232,12 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if len(tokenizer) > language.get_input_embeddings().num_embeddings:
             language.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        # Base LMs end on <|endoftext|>; a chat turn ends on <|im_end|>, so generation stops on either.
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        eos = language.generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if end_of_turn is not None and end_of_turn not in eos:
+            language.generation_config.eos_token_id = eos + [end_of_turn]
         config = NanoVLMConfig(
             vision_config=vision.config.to_dict(),
             text_config=language.config.to_dict(),
@@ -235,8 +245,9 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
             **config_kwargs,
         )
         model = cls(config)
-        model.vision_tower.load_state_dict(vision.state_dict(), strict=False)
+        model.vision_tower.load_state_dict(vision.state_dict())
         model.language_model.load_state_dict(language.state_dict())
+        model.generation_config = language.generation_config
         model.config.base_models = [vision_model, text_model]
         return model
 

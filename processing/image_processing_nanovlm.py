@@ -224,6 +224,11 @@ def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Ima
     return _to_rgb(image, background)
 
 
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation where the format keeps it in the header; PIL would decode a PNG to find its eXIf chunk."""
+    return image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "TIFF", "WEBP") else 1
+
+
 def image_size(image) -> tuple[int, int]:
     """(height, width) of an image without decoding its pixels where possible (paths, bytes, PIL)."""
     if isinstance(image, (str, os.PathLike, bytes)):
@@ -231,7 +236,7 @@ def image_size(image) -> tuple[int, int]:
         try:
             with Image.open(source) as opened:
                 width, height = opened.size
-                orientation = opened.getexif().get(0x0112, 1)
+                orientation = _header_orientation(opened)
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageInputError(f"cannot read image header: {error}") from error
         return (width, height) if orientation in (5, 6, 7, 8) else (height, width)

@@ -149,6 +149,8 @@ def test_from_backbones_loads_both_pretrained_parts(tmp_path):
     assert embeddings.shape[0] >= len(processor.tokenizer) and embeddings.shape[0] % 64 == 0
     assert model.config.image_token_id == processor.image_token_id
     assert model.config.base_models == [str(tmp_path / "vision"), str(tmp_path / "text")]
+    eos = model.generation_config.eos_token_id
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in ([eos] if isinstance(eos, int) else eos)
     image = np.zeros((64, 96, 3), dtype=np.uint8)
     batch = processor(text=["<image>describe"], images=[image], return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()
