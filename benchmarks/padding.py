@@ -1,0 +1,287 @@
+"""Padding and tower calls per batch for one epoch of a realistic image/text mix: pure arithmetic from the plan.
+
+For each batching strategy, over one epoch (batch 16, and with a token budget where the sampler supports it):
+
+  image pad (pad-to-max)  fraction of tower patches that are padding when every image of a batch is padded to the
+                          batch's largest height and width (what a fixed-shape tower must do)
+  tower calls / batch     distinct image shapes per batch: the vision-tower calls nanoVLM makes, since it runs the
+                          tower once per shape and never pads an image
+  LM pad                  fraction of the padded LM batch (rows x longest row; a row is text tokens + its image
+                          tokens from the plan) that is padding
+
+Strategies:
+  (a) random        random batches (torch.randperm), as the stock Trainer's RandomSampler gives
+  (b) length/text   transformers' LengthGroupedSampler (trainer_pt_utils; the Trainer's
+                    train_sampling_strategy="group_by_length") on text length, image tokens excluded -- what it sees
+                    when lengths are computed before the processor expands <image>
+  (b') length/total the same sampler on text + image tokens (its best case)
+  (c) ours          BucketBatchSampler (image-size and aspect buckets, sorted by total length)
+  (d) ours + snap   BucketBatchSampler with the image processor snapping images to one shape per bucket
+                    (`snap_sizes` / `snap_aspect_ratios`), the sampler's buckets set to the same grid
+
+No model and no pixels: every figure comes from `NanoVLMImageProcessor.plan(h, w)`.
+
+    python benchmarks/padding.py [--samples 20000] [--batch-size 16] [--json PATH] [--plot docs/padding.png]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import argument_parser, environment, mix_description, pct, table, training_mix, write_json
+
+GOALS = {"image_padding": 0.0, "lm_padding_max": 0.05, "tower_calls_per_batch_max": 1.2}
+
+# Snapping grid for (d): long sides and width/height ratios one image can snap to, and the sampler buckets that
+# put each snapped shape in a bucket of its own (edges half-way between neighbours, on a log scale).
+SNAP_SIZES = (128, 256, 512, 768, 1024, 1536, 2048)
+SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
+
+
+def _log_midpoints(values):
+    return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
+
+
+def sample_plans(image_processor, image_sizes):
+    """Per sample: (resized h, w), patch grid, image tokens."""
+    plans = [image_processor.plan(h, w) for h, w in image_sizes]
+    return {
+        "resized": np.array([(p.resized_height, p.resized_width) for p in plans]),
+        "grid": np.array([(p.grid_height, p.grid_width) for p in plans]),
+        "tokens": np.array([p.num_tokens for p in plans]),
+    }
+
+
+def batch_figures(batches, plans, text_lengths, patch_size) -> dict:
+    """Padding and tower-call figures for a list of batches (lists of sample indices)."""
+    lengths = np.asarray(text_lengths) + plans["tokens"]
+    real_patches = padded_patches = real_lm = padded_lm = 0
+    calls = []
+    for batch in batches:
+        batch = np.asarray(batch)
+        grids = plans["grid"][batch]
+        resized = plans["resized"][batch]
+        real_patches += int((grids[:, 0] * grids[:, 1]).sum())
+        max_h, max_w = resized[:, 0].max(), resized[:, 1].max()
+        padded_patches += len(batch) * int(max_h // patch_size) * int(max_w // patch_size)
+        rows = lengths[batch]
+        real_lm += int(rows.sum())
+        padded_lm += len(batch) * int(rows.max())
+        calls.append(len({tuple(g) for g in grids.tolist()}))
+    sizes = [len(b) for b in batches]
+    return {
+        "batches": len(batches),
+        "samples": int(sum(sizes)),
+        "mean_rows_per_batch": float(np.mean(sizes)),
+        "image_padding_pad_to_max": 1 - real_patches / padded_patches,
+        "tower_calls_per_batch": float(np.mean(calls)),
+        "tower_calls_per_batch_max": int(max(calls)),
+        "lm_padding": 1 - real_lm / padded_lm,
+        "real_lm_tokens": real_lm,
+        "padded_lm_tokens": padded_lm,
+        "real_tower_patches": real_patches,
+        "padded_tower_patches_pad_to_max": padded_patches,
+    }
+
+
+def chunks(indices, size):
+    return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
+
+
+def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max_image_size: int) -> dict:
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from processing import BucketBatchSampler, NanoVLMImageProcessor
+
+    mix = training_mix(num_samples, seed=seed)
+    sizes, text = mix["image_sizes"], mix["text_lengths"]
+    ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size)
+    patch = ip.patch_size
+    plans = sample_plans(ip, sizes)
+    total = np.asarray(text) + plans["tokens"]
+    # Token budget: on average as many real tokens per batch as `batch_size` rows, and room for the longest sample.
+    budget = max(int(total.max()), math.ceil(batch_size * total.mean() / 1024) * 1024)
+
+    results, notes = {}, {}
+    generator = torch.Generator().manual_seed(seed)
+    results["a_random"] = batch_figures(chunks(torch.randperm(num_samples, generator=generator).tolist(), batch_size),
+                                        plans, text, patch)
+    for key, lengths in (("b_length_grouped_text", list(text)), ("b_length_grouped_total", total.tolist())):
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+        results[key] = batch_figures(chunks(list(iter(sampler)), batch_size), plans, text, patch)
+
+    ours = BucketBatchSampler(sizes, text, ip, batch_size=batch_size, seed=seed)
+    results["c_bucket"] = batch_figures(ours.batches(0), plans, text, patch)
+    ours_budget = BucketBatchSampler(sizes, text, ip, max_tokens_per_batch=budget, seed=seed)
+    results["c_bucket_max_tokens"] = batch_figures(ours_budget.batches(0), plans, text, patch)
+
+    if {"snap_sizes", "snap_aspect_ratios"} <= set(getattr(ip, "plan_fields", ())):
+        snap_ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+                                        snap_sizes=list(SNAP_SIZES), snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
+        snap_plans = sample_plans(snap_ip, sizes)
+        buckets = dict(size_buckets=_log_midpoints(SNAP_SIZES), aspect_ratio_edges=_log_midpoints(SNAP_ASPECT_RATIOS))
+        snapped = BucketBatchSampler(sizes, text, snap_ip, batch_size=batch_size, seed=seed, **buckets)
+        results["d_bucket_snap"] = batch_figures(snapped.batches(0), snap_plans, text, patch)
+        snapped_budget = BucketBatchSampler(sizes, text, snap_ip, max_tokens_per_batch=budget, seed=seed, **buckets)
+        results["d_bucket_snap_max_tokens"] = batch_figures(snapped_budget.batches(0), snap_plans, text, patch)
+        scale = np.log(snap_plans["resized"].max(1) / plans["resized"].max(1))
+        aspect = np.log((snap_plans["resized"][:, 1] / snap_plans["resized"][:, 0])
+                        / (np.asarray(sizes)[:, 1] / np.asarray(sizes)[:, 0]))
+        notes["snapping_cost"] = {
+            "mean_abs_scale_change": float(np.expm1(np.abs(scale)).mean()),
+            "mean_abs_aspect_change": float(np.expm1(np.abs(aspect)).mean()),
+            "max_abs_aspect_change": float(np.expm1(np.abs(aspect)).max()),
+            "image_tokens_per_image_unsnapped": float(plans["tokens"].mean()),
+            "image_tokens_per_image_snapped": float(snap_plans["tokens"].mean()),
+            "tower_patches_per_image_unsnapped": float((plans["grid"][:, 0] * plans["grid"][:, 1]).mean()),
+            "tower_patches_per_image_snapped": float((snap_plans["grid"][:, 0] * snap_plans["grid"][:, 1]).mean()),
+            "distinct_shapes_unsnapped": len({tuple(r) for r in plans["resized"].tolist()}),
+            "distinct_shapes_snapped": len({tuple(r) for r in snap_plans["resized"].tolist()}),
+        }
+    else:
+        reason = "NanoVLMImageProcessor has no snapping option (snap_sizes / snap_aspect_ratios)"
+        results["d_bucket_snap"] = results["d_bucket_snap_max_tokens"] = None
+        notes["snapping_unavailable"] = reason
+
+    for key, figures in results.items():
+        if figures is None:
+            continue
+        per_shape = key.startswith(("c_", "d_"))  # nanoVLM's own batching: one tower call per shape, no padding
+        figures["image_padding_as_run"] = 0.0 if per_shape else figures["image_padding_pad_to_max"]
+        figures["meets_goals"] = bool(
+            per_shape
+            and figures["lm_padding"] <= GOALS["lm_padding_max"]
+            and figures["tower_calls_per_batch"] <= GOALS["tower_calls_per_batch_max"]
+        )
+
+    return {
+        "benchmark": "padding",
+        "settings": {
+            "samples": num_samples, "batch_size": batch_size, "max_tokens_per_batch": budget, "seed": seed,
+            "max_image_tokens": max_image_tokens, "max_image_size": max_image_size, "patch_size": patch,
+            "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
+        },
+        "mix": {**mix_description(), "counts": dict(Counter(mix["kinds"])),
+                "mean_text_tokens": float(np.mean(text)), "mean_image_tokens": float(plans["tokens"].mean()),
+                "distinct_image_shapes": len({tuple(r) for r in plans["resized"].tolist()})},
+        "goals": GOALS,
+        "strategies": results,
+        "notes": notes,
+        "environment": environment(),
+    }
+
+
+LABELS = {
+    "a_random": "(a) random, pad to max",
+    "b_length_grouped_text": "(b) LengthGrouped (text len)",
+    "b_length_grouped_total": "(b') LengthGrouped (text+img len)",
+    "c_bucket": "(c) ours",
+    "c_bucket_max_tokens": "(c) ours, max_tokens",
+    "d_bucket_snap": "(d) ours + snap",
+    "d_bucket_snap_max_tokens": "(d) ours + snap, max_tokens",
+}
+
+
+def report(figures: dict) -> str:
+    s = figures["settings"]
+    rows = []
+    for key, label in LABELS.items():
+        f = figures["strategies"].get(key)
+        if f is None:
+            rows.append([label, None, None, "unavailable", None, None, None])
+            continue
+        rows.append([label, f["batches"], round(f["mean_rows_per_batch"], 1), pct(f["image_padding_pad_to_max"]),
+                     pct(f["image_padding_as_run"]), round(f["tower_calls_per_batch"], 2), pct(f["lm_padding"])])
+    headers = ["strategy", "batches", "rows/batch", "img pad if padded", "img pad as run", "tower calls/batch",
+               "LM pad"]
+    out = [table(headers, rows, title=(
+        f"Padding over one epoch of {s['samples']} samples, batch {s['batch_size']} "
+        f"(max_tokens rows: max_tokens_per_batch={s['max_tokens_per_batch']}); "
+        f"max_image_tokens={s['max_image_tokens']}, max_image_size={s['max_image_size']}"))]
+    mix = figures["mix"]
+    out.append(f"\nmix: {mix['counts']}; mean text tokens {mix['mean_text_tokens']:.0f}, mean image tokens "
+               f"{mix['mean_image_tokens']:.0f}, {mix['distinct_image_shapes']} distinct planned image shapes")
+    out.append("img pad if padded: tower patches that are padding when each batch is padded to its largest image;"
+               "\nas run: (a)/(b) pad (a fixed-shape tower), (c)/(d) run the tower once per shape and never pad.")
+    g = figures["goals"]
+    out.append(f"goals: image padding 0, LM padding <= {pct(g['lm_padding_max'])}, tower calls/batch <= "
+               f"{g['tower_calls_per_batch_max']}")
+    for key in ("c_bucket", "c_bucket_max_tokens", "d_bucket_snap", "d_bucket_snap_max_tokens"):
+        f = figures["strategies"].get(key)
+        verdict = "unavailable" if f is None else ("meets the goals" if f["meets_goals"] else "misses a goal")
+        out.append(f"  {LABELS[key]}: {verdict}")
+    notes = figures["notes"]
+    if "snapping_unavailable" in notes:
+        out.append(f"(d) unavailable: {notes['snapping_unavailable']}")
+    if "snapping_cost" in notes:
+        c = notes["snapping_cost"]
+        out.append(f"snapping cost: long side moved {pct(c['mean_abs_scale_change'])} on average, aspect ratio "
+                   f"{pct(c['mean_abs_aspect_change'])} on average (max {pct(c['max_abs_aspect_change'])}); image "
+                   f"tokens/image {c['image_tokens_per_image_unsnapped']:.0f} -> {c['image_tokens_per_image_snapped']:.0f}, "
+                   f"tower patches/image {c['tower_patches_per_image_unsnapped']:.0f} -> "
+                   f"{c['tower_patches_per_image_snapped']:.0f}; distinct shapes {c['distinct_shapes_unsnapped']} -> "
+                   f"{c['distinct_shapes_snapped']}")
+    return "\n".join(out)
+
+
+def plot(figures: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in LABELS if figures["strategies"].get(k) is not None]
+    labels = [LABELS[k] for k in keys]
+    f = [figures["strategies"][k] for k in keys]
+    colors = ["#b0b0b0" if k.startswith(("a_", "b_")) else "#2f7ed8" for k in keys]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
+    y = np.arange(len(keys))
+    panels = [
+        ([100 * x["image_padding_pad_to_max"] for x in f], "tower patches that are padding, %\n(batch padded to its largest image)", None),
+        ([100 * x["lm_padding"] for x in f], "LM tokens that are padding, %", 100 * GOALS["lm_padding_max"]),
+        ([x["tower_calls_per_batch"] for x in f], "distinct image shapes per batch\n(= nanoVLM tower calls)", GOALS["tower_calls_per_batch_max"]),
+    ]
+    for ax, (values, title, goal) in zip(axes, panels):
+        ax.barh(y, values, color=colors)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.1f}" if v < 100 else f" {v:.0f}", va="center", fontsize=8)
+        if goal is not None:
+            ax.axvline(goal, color="#d9534f", linestyle="--", linewidth=1)
+            ax.text(goal, len(keys) - 0.4, " goal", color="#d9534f", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, max(values) * 1.25 if max(values) > 0 else 1)
+    axes[0].set_yticks(y, labels)
+    axes[0].invert_yaxis()
+    s = figures["settings"]
+    fig.suptitle(f"One epoch of {s['samples']} samples of a mixed-size VLM training set, batch {s['batch_size']} "
+                 f"(grey: baselines; blue: nanoVLM, which runs the tower per shape and never pads images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-image-tokens", type=int, default=1024)
+    parser.add_argument("--max-image-size", type=int, default=2048)
+    parser.add_argument("--plot", metavar="PNG", help="write the bar chart here (full runs: docs/padding.png)")
+    args = parser.parse_args(argv)
+    samples = 1000 if args.quick else args.samples
+    figures = run(samples, args.batch_size, args.seed, args.max_image_tokens, args.max_image_size)
+    print(report(figures))
+    write_json(args.json, figures)
+    if args.plot:
+        plot(figures, args.plot)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Training throughput: nanoVLM's bucketing sampler vs random batching vs padding images to the batch's largest.
+
+Same tiny model (same initial weights, one copy per strategy), same rows, same run. Every strategy trains exactly
+one epoch of the same rows (the `padding.py` mix, images and text shrunk so a CPU step is short), the strategies
+taking turns every few batches so that load changes on a shared machine hit all of them alike; one warm-up step
+each is not counted. pad-to-max, which is slow, trains only its first batches: its batches are random, so a few of
+them cost per sample what its epoch would. Each step is the Trainer's own data path and step:
+
+  ours        `NanoVLMTrainer.get_train_dataloader()` (BucketBatchSampler, passed as `batch_sampler=` because it is
+              built from the known sizes and lengths, + NanoVLMCollator, prepared by accelerate)
+  ours+snap   the same with the image processor snapping images to one shape per bucket (sampler buckets to match)
+  random      the stock `transformers.Trainer` dataloader (RandomSampler, batch 16) with the same NanoVLMCollator:
+              images keep their shapes, the tower runs once per distinct shape
+  pad-to-max  the same random batches, every image pasted on a canvas of the batch's largest planned size (what a
+              fixed-shape VLM must do): one tower call per batch over padded pixels
+
+then `Trainer.training_step` (forward, loss normalised by the batch's answer tokens, backward), gradient clipping
+and an AdamW step. `trainer.train()` itself is not used because two runs cannot alternate inside it.
+
+samples/s counts training samples; tokens/s counts useful LM tokens (text + the sample's own planned image
+tokens, no padding, the same per sample for every strategy).
+
+Also reported: image tokens per image of nanoVLM's plan vs upstream nanoVLM's scheme (huggingface/nanoVLM: long
+side resized to 2048, 512-px tiles + one global view, 64 tokens each), for the same image mix (this run's small
+images and the full-size mix of `padding.py`).
+
+    python benchmarks/throughput.py [--samples 1600] [--window 4] [--pad-batches 16] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import deque
+
+import numpy as np
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import (
+    argument_parser, environment, median, table, training_mix, upstream_nanovlm_tokens, write_json,
+)
+from processing import NanoVLMCollator, load_image
+
+WORDS = ("the a digit cat cup page chart shows value of in on at left right top bottom red blue green small large "
+         "line bar axis title text number year total price man woman car tree sky dog house road sign window "
+         "table plot figure image photo screen button menu icon").split()
+SNAP_SIZES = (32, 64, 96, 128, 192, 256, 384, 512)
+SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
+
+
+class SyntheticRows:
+    """Rows {"image": PIL image, "prompt", "answer", "useful_tokens"} of the training mix, images made on access."""
+
+    def __init__(self, mix: dict, tokens_per_word: float, seed: int):
+        self.sizes = mix["image_sizes"]
+        rng = np.random.default_rng(seed + 1)
+        self.prompts = [" ".join(rng.choice(WORDS, max(1, round(q / tokens_per_word)))) + "?"
+                        for q in mix["question_lengths"]]
+        self.answers = [" ".join(rng.choice(WORDS, max(1, round(a / tokens_per_word))))
+                        for a in mix["answer_lengths"]]
+        self.useful_tokens = None  # filled in once the processor is known
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def image(self, index):
+        from PIL import Image
+
+        height, width = self.sizes[index]
+        return Image.new("RGB", (width, height), ((37 * index) % 256, (91 * index) % 256, (53 * index) % 256))
+
+    def __getitem__(self, index):
+        row = {"image": self.image(index), "prompt": self.prompts[index], "answer": self.answers[index]}
+        if self.useful_tokens is not None:
+            row["useful_tokens"] = self.useful_tokens[index]
+        return row
+
+
+class BenchCollator(NanoVLMCollator):
+    """NanoVLMCollator that logs (rows, useful tokens) of every batch in order (FIFO), optionally padding images.
+
+    With `pad_to_max`, every image of a batch is first resized to its own plan, then pasted (top-left, background
+    colour) on a canvas of the batch's largest planned height and width; the canvases go through the same
+    processor, so the tower runs once over a padded batch and the LM sees the canvas' tokens.
+    """
+
+    def __init__(self, processor, log: deque, pad_to_max: bool = False):
+        super().__init__(processor)
+        self.log, self.pad_to_max = log, pad_to_max
+
+    def __call__(self, rows):
+        self.log.append((len(rows), sum(int(row["useful_tokens"]) for row in rows)))
+        return super().__call__(self.padded(rows) if self.pad_to_max else rows)
+
+    def padded(self, rows):
+        from PIL import Image
+
+        ip = self.processor.image_processor
+        images = [load_image(row["image"]) for row in rows]
+        plans = [ip.plan(image.height, image.width, **self.plan_overrides) for image in images]
+        height = max(plan.resized_height for plan in plans)
+        width = max(plan.resized_width for plan in plans)
+        padded = []
+        for row, image, plan in zip(rows, images, plans):
+            canvas = Image.new("RGB", (width, height), tuple(ip.background_color))
+            canvas.paste(image.resize((plan.resized_width, plan.resized_height)), (0, 0))
+            padded.append({**row, "image": canvas})
+        return padded
+
+
+def tokens_per_word(tokenizer) -> float:
+    sample = " ".join(WORDS * 4)
+    return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / (len(WORDS) * 4)
+
+
+def image_token_comparison(processor_kwargs: dict, small_mix: dict, full_mix_samples: int, seed: int) -> dict:
+    """Mean image tokens per image: nanoVLM's plan vs upstream nanoVLM's tiles, on this run's and the full mix."""
+    from processing import NanoVLMImageProcessor
+
+    out = {}
+    full = training_mix(full_mix_samples, seed=seed)["image_sizes"]
+    cases = {
+        "throughput_mix": (small_mix["image_sizes"], NanoVLMImageProcessor(**processor_kwargs), processor_kwargs),
+        "full_mix_budget_1024": (full, NanoVLMImageProcessor(), {"max_image_tokens": 1024, "max_image_size": 2048}),
+        "full_mix_budget_256": (full, NanoVLMImageProcessor(max_image_tokens=256), {"max_image_tokens": 256,
+                                                                                    "max_image_size": 2048}),
+    }
+    for name, (sizes, ip, settings) in cases.items():
+        ours = np.array([ip.num_image_tokens(h, w) for h, w in sizes])
+        up_2048 = np.array([upstream_nanovlm_tokens(h, w, resize_to_max_side=True) for h, w in sizes])
+        up_cap = np.array([upstream_nanovlm_tokens(h, w, resize_to_max_side=False) for h, w in sizes])
+        out[name] = {
+            "images": len(sizes),
+            "nanovlm_settings": settings,
+            "ours_tokens_per_image": float(ours.mean()),
+            "upstream_resize_to_2048_tokens_per_image": float(up_2048.mean()),
+            "upstream_cap_2048_tokens_per_image": float(up_cap.mean()),
+            "ratio_upstream_2048_over_ours": float(up_2048.mean() / ours.mean()),
+            "ratio_upstream_cap_over_ours": float(up_cap.mean() / ours.mean()),
+        }
+    return out
+
+
+def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, seed, lr, output_dir, names):
+    """One Trainer (and one copy of the same initial model) per strategy, with its own train dataloader."""
+    import copy
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
+    from processing import BucketBatchSampler
+
+    torch.manual_seed(seed)
+    tokenizer = processor.tokenizer
+    base = NanoVLMForConditionalGeneration(
+        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
+    )
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[], use_cpu=True,
+        disable_tqdm=True, save_strategy="no", seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
+    strategies = {}
+    for name in names:
+        log = deque()
+        model = copy.deepcopy(base)
+        if name in ("ours", "ours+snap"):
+            # The sampler NanoVLMTrainer would build with BucketBatchSampler.from_dataset, built here from the known
+            # sizes and text lengths (from_dataset would read every row again: slow for a large synthetic set).
+            snap = name == "ours+snap"
+            proc = snap_processor if snap else processor
+            buckets = dict(size_buckets=_log_midpoints(SNAP_SIZES),
+                           aspect_ratio_edges=_log_midpoints(SNAP_ASPECT_RATIOS)) if snap else {}
+            sampler = BucketBatchSampler(rows.sizes, text_lengths, proc.image_processor, batch_size=batch_size,
+                                         seed=seed, **buckets)
+            trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=proc,
+                                     data_collator=BenchCollator(proc, log), batch_sampler=sampler)
+        elif name == "random":
+            trainer = Trainer(model=model, args=args, train_dataset=rows,
+                              data_collator=BenchCollator(processor, log))
+        elif name == "pad-to-max":
+            trainer = Trainer(model=model, args=args, train_dataset=rows,
+                              data_collator=BenchCollator(processor, log, pad_to_max=True))
+        else:
+            raise ValueError(f"unknown strategy {name!r}")
+        trainer.create_optimizer()
+        strategies[name] = {"trainer": trainer, "model": model, "log": log, "loader": trainer.get_train_dataloader(),
+                            "iterator": None}
+    return strategies
+
+
+def _log_midpoints(values):
+    return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
+
+
+def next_batch(strategy):
+    """The strategy's next batch of its first epoch, or None when the epoch is over."""
+    if strategy["iterator"] is None:
+        strategy["iterator"] = iter(strategy["loader"])
+    return next(strategy["iterator"], None)
+
+
+def train_window(strategy, steps: int) -> dict:
+    """Up to `steps` training steps (data loading included): seconds, samples, useful tokens, tower calls, padding."""
+    trainer, model = strategy["trainer"], strategy["model"]
+    done = samples = useful = lm_positions = tower_calls = patches = 0
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next_batch(strategy)
+        if batch is None:
+            strategy["finished"] = True
+            break
+        rows, useful_tokens = strategy["log"].popleft()
+        num_items = int((batch["labels"] != -100).sum())
+        loss = trainer.training_step(model, batch, num_items_in_batch=num_items)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+        done += 1
+        samples += rows
+        useful += useful_tokens
+        lm_positions += batch["input_ids"].numel()
+        grids = batch["image_grid_hw"]
+        tower_calls += len({tuple(g) for g in grids.tolist()})
+        patches += int(grids.prod(-1).sum())
+        losses.append(float(loss))
+    return {"seconds": time.perf_counter() - start, "steps": done, "samples": samples, "useful_tokens": useful,
+            "lm_positions": lm_positions, "tower_calls": tower_calls, "tower_patches": patches,
+            "loss_sum": float(np.sum(losses))}
+
+
+def run(num_samples, window, pad_batches, batch_size, seed, threads, image_scale, text_scale, max_image_tokens,
+        max_image_size, lr, names, full_mix_samples):
+    import torch
+
+    from processing import NanoVLMImageProcessor, NanoVLMProcessor
+    from processing.offline_tokenizer import build_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    mix = training_mix(num_samples, seed=seed, image_scale=image_scale, text_scale=text_scale)
+    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    processor_kwargs = {"max_image_tokens": max_image_tokens, "max_image_size": max_image_size}
+    processor = NanoVLMProcessor(NanoVLMImageProcessor(**processor_kwargs), tokenizer)
+    snap_processor = NanoVLMProcessor(
+        NanoVLMImageProcessor(**processor_kwargs, snap_sizes=list(SNAP_SIZES),
+                              snap_aspect_ratios=list(SNAP_ASPECT_RATIOS)), tokenizer)
+    rows = SyntheticRows(mix, tokens_per_word(tokenizer), seed)
+    collator = NanoVLMCollator(processor)
+    text_lengths = [collator.text_length({"prompt": p, "answer": a}) for p, a in zip(rows.prompts, rows.answers)]
+    image_tokens = [processor.image_processor.num_image_tokens(h, w) for h, w in mix["image_sizes"]]
+    rows.useful_tokens = [t + i for t, i in zip(text_lengths, image_tokens)]
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        strategies = build_strategies(rows, processor, snap_processor, text_lengths, batch_size, seed, lr,
+                                      output_dir, names)
+        # Warm-up, not counted: one step each on a batch from a second, throw-away iterator of its dataloader.
+        for name in names:
+            warm = strategies[name]
+            warm_iterator = iter(warm["trainer"].get_train_dataloader())
+            batch = next(warm_iterator)
+            warm["log"].popleft()
+            warm["trainer"].training_step(warm["model"], batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
+            warm["model"].zero_grad(set_to_none=True)
+            del warm_iterator
+            warm["log"].clear()
+        windows = {name: [] for name in names}
+        round_index = 0
+        while True:
+            active = [n for n in names if not strategies[n].get("finished")
+                      and not (n == "pad-to-max" and sum(w["steps"] for w in windows[n]) >= pad_batches)]
+            if not active:
+                break
+            order = active[round_index % len(active):] + active[: round_index % len(active)]  # rotate the leader
+            for name in order:
+                steps = window
+                if name == "pad-to-max":
+                    steps = min(window, pad_batches - sum(w["steps"] for w in windows[name]))
+                result = train_window(strategies[name], steps)
+                if result["steps"]:
+                    windows[name].append(result)
+            round_index += 1
+
+    results = {}
+    for name in names:
+        w = windows[name]
+        seconds = sum(x["seconds"] for x in w)
+        steps = sum(x["steps"] for x in w)
+        samples = sum(x["samples"] for x in w)
+        results[name] = {
+            "windows": len(w),
+            "batches": steps,
+            "samples": samples,
+            "whole_epoch": name != "pad-to-max" or samples >= num_samples,
+            "seconds": seconds,
+            "samples_per_second": samples / seconds,
+            "useful_tokens_per_second": sum(x["useful_tokens"] for x in w) / seconds,
+            "seconds_per_batch": seconds / steps,
+            "lm_padding": 1 - sum(x["useful_tokens"] for x in w) / sum(x["lm_positions"] for x in w)
+            if name != "pad-to-max" else None,
+            "lm_positions_per_sample": sum(x["lm_positions"] for x in w) / samples,
+            "tower_calls_per_batch": sum(x["tower_calls"] for x in w) / steps,
+            "tower_patches_per_sample": sum(x["tower_patches"] for x in w) / samples,
+            "mean_loss": sum(x["loss_sum"] for x in w) / steps,
+        }
+    ratios = {}
+    for a, b in (("ours", "random"), ("ours", "pad-to-max"), ("ours+snap", "random"), ("ours+snap", "ours")):
+        if a in results and b in results:
+            ratios[f"{a}_vs_{b}"] = {
+                "samples_per_second": results[a]["samples_per_second"] / results[b]["samples_per_second"],
+                "useful_tokens_per_second": results[a]["useful_tokens_per_second"]
+                / results[b]["useful_tokens_per_second"],
+            }
+
+    return {
+        "benchmark": "throughput",
+        "settings": {
+            "samples": num_samples, "window_steps": window, "pad_to_max_batches": pad_batches,
+            "batch_size": batch_size, "seed": seed, "torch_threads": threads, "image_scale": image_scale,
+            "text_scale": text_scale, "max_image_tokens": max_image_tokens, "max_image_size": max_image_size,
+            "model": "tiny_config (~1M parameters, random weights), fp32",
+            "training_loop": "each strategy's Trainer dataloader (one epoch) + Trainer.training_step + clip + AdamW "
+                             "step, strategies alternating every window_steps batches",
+            "mean_text_tokens": float(np.mean(text_lengths)), "mean_image_tokens": float(np.mean(image_tokens)),
+            "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
+        },
+        "goal": {"ours_vs_random_samples_per_second_min": 2.0},
+        "strategies": results,
+        "ratios": ratios,
+        "image_tokens_vs_upstream": image_token_comparison(processor_kwargs, mix, full_mix_samples, seed),
+        "environment": environment(),
+    }
+
+
+def report(figures: dict) -> str:
+    s = figures["settings"]
+    rows = []
+    for name, f in figures["strategies"].items():
+        rows.append([name, f["batches"], round(f["samples_per_second"], 1), round(f["useful_tokens_per_second"]),
+                     round(f["seconds_per_batch"], 3),
+                     "n/a" if f["lm_padding"] is None else f"{100 * f['lm_padding']:.1f} %",
+                     round(f["lm_positions_per_sample"]), round(f["tower_calls_per_batch"], 2),
+                     round(f["tower_patches_per_sample"])])
+    out = [table(["strategy", "batches", "samples/s", "tokens/s", "s/batch", "LM pad", "LM positions/sample",
+                  "tower calls/batch", "tower patches/sample"], rows,
+                 title=f"Training throughput: tiny model, batch {s['batch_size']}, one epoch of {s['samples']} "
+                       f"samples per strategy (pad-to-max: its first {s['pad_to_max_batches']} batches), alternating "
+                       f"every {s['window_steps']} batches; {s['torch_threads']} thread(s); images x{s['image_scale']}, "
+                       f"text x{s['text_scale']}, max_image_tokens={s['max_image_tokens']}, "
+                       f"max_image_size={s['max_image_size']}")]
+    out.append("tokens/s: useful LM tokens (text + the sample's own image tokens), the same per sample everywhere.")
+    for key, r in figures["ratios"].items():
+        out.append(f"{key}: {r['samples_per_second']:.2f}x samples/s, {r['useful_tokens_per_second']:.2f}x tokens/s")
+    goal = figures["goal"]["ours_vs_random_samples_per_second_min"]
+    if "ours_vs_random" in figures["ratios"]:
+        ratio = figures["ratios"]["ours_vs_random"]["samples_per_second"]
+        out.append(f"goal ours/random >= {goal}x: {'met' if ratio >= goal else 'MISSED'} ({ratio:.2f}x)")
+    rows = []
+    for name, c in figures["image_tokens_vs_upstream"].items():
+        rows.append([name, c["images"],
+                     f"{c['nanovlm_settings']['max_image_tokens']}/{c['nanovlm_settings']['max_image_size']}",
+                     round(c["ours_tokens_per_image"]), round(c["upstream_resize_to_2048_tokens_per_image"]),
+                     round(c["ratio_upstream_2048_over_ours"], 2), round(c["upstream_cap_2048_tokens_per_image"]),
+                     round(c["ratio_upstream_cap_over_ours"], 2)])
+    out.append("")
+    out.append(table(["image mix", "images", "budget/max size", "ours tok/img", "upstream (resize to 2048)",
+                      "x ours", "upstream (cap 2048)", "x ours"], rows,
+                     title="Image tokens per image: nanoVLM's plan vs upstream nanoVLM (512-px tiles + global view, "
+                           "64 tokens each)"))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1600, help="rows in the data set: one epoch per strategy")
+    parser.add_argument("--window", type=int, default=4, help="batches per window before the next strategy's turn")
+    parser.add_argument("--pad-batches", type=int, default=16,
+                        help="batches trained by pad-to-max (random batches: a sample of them costs like the epoch)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on shared cores)")
+    parser.add_argument("--image-scale", type=float, default=0.125, help="shrink the mix's image sides by this")
+    parser.add_argument("--text-scale", type=float, default=0.25, help="shrink the mix's questions and answers by this")
+    parser.add_argument("--max-image-tokens", type=int, default=64)
+    parser.add_argument("--max-image-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--strategies", default="ours,random,pad-to-max",
+                        help="comma-separated, from ours, ours+snap, random, pad-to-max")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.window, args.pad_batches, args.batch_size = 32, 2, 2, 8
+    names = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    figures = run(args.samples, args.window, args.pad_batches, args.batch_size, args.seed, args.threads,
+                  args.image_scale, args.text_scale, args.max_image_tokens, args.max_image_size, args.lr, names,
+                  full_mix_samples=1000 if args.quick else 20000)
+    print(report(figures))
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
