@@ -101,19 +101,39 @@ def sample_layout(
     return Layout(height, width, size, top, left)
 
 
+NOISE_BANK_SIDE = 512  # canvases take a random crop of one fixed Gaussian texture: rendering stays cheap
+
+
+def _noise_bank(side: int) -> np.ndarray:
+    return np.random.default_rng(12345).standard_normal((side, side), dtype=np.float32)
+
+
+_BANKS: dict[int, np.ndarray] = {}
+
+
 def render(digit: np.ndarray, layout: Layout, rng: np.random.Generator, noise: float = 0.02) -> Image.Image:
-    """An RGB canvas with `digit` (8x8 in [0, 1]) pasted as light ink on a dark, slightly noisy background."""
+    """An RGB canvas with `digit` (8x8 in [0, 1]) pasted as light ink on a dark, slightly noisy background.
+
+    The background level, ink strength and the crop of the noise texture are drawn from `rng`.
+    """
     background = rng.uniform(0.0, 0.15)
     ink = rng.uniform(0.75, 1.0)
-    canvas = np.full((layout.height, layout.width), background, dtype=np.float32)
+    height, width = layout.height, layout.width
+    canvas = np.full((height, width), background, dtype=np.float32)
     glyph = Image.fromarray(digit.astype(np.float32), mode="F").resize((layout.size, layout.size), Image.BILINEAR)
-    glyph = np.clip(np.asarray(glyph), 0.0, 1.0)
+    glyph = np.clip(np.asarray(glyph), 0.0, 1.0) * np.float32(ink)
     window = canvas[layout.top : layout.top + layout.size, layout.left : layout.left + layout.size]
-    window[...] = np.maximum(window, glyph * ink)
+    np.maximum(window, glyph, out=window)
     if noise > 0:
-        canvas += rng.normal(0.0, noise, canvas.shape).astype(np.float32)
-    pixels = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(np.repeat(pixels[:, :, None], 3, axis=2), mode="RGB")
+        side = max(NOISE_BANK_SIDE, height, width)
+        bank = _BANKS.get(side)
+        if bank is None:
+            bank = _BANKS.setdefault(side, _noise_bank(side))
+        top, left = int(rng.integers(side - height + 1)), int(rng.integers(side - width + 1))
+        canvas += bank[top : top + height, left : left + width] * np.float32(noise)
+    np.clip(canvas, 0.0, 1.0, out=canvas)
+    pixels = (canvas * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(pixels, mode="L").convert("RGB")
 
 
 def answer_text(label: int, layout: Layout) -> str:

@@ -267,3 +267,24 @@ def test_epoch_sampler_replans_sizes_every_epoch():
     resumed.load_state_dict({"seed": 0, "epoch": 2, "num_batches_yielded": 3})
     resumed.set_epoch(2)
     assert list(resumed) == expected and resumed_task.sizes() == task.sizes()
+
+
+def test_push_to_hub_hook_pushes_model_and_processor_after_saving(tmp_path):
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def save_pretrained(self, folder):
+            calls.append((self.name, "save", str(folder)))
+
+        def push_to_hub(self, repo):
+            calls.append((self.name, "push", repo))
+
+    finetune.save_and_push(Fake("model"), Fake("processor"), tmp_path, None)
+    assert [call[1] for call in calls] == ["save", "save"]
+    calls.clear()
+    finetune.save_and_push(Fake("model"), Fake("processor"), tmp_path, "me/digits")
+    assert calls == [("model", "save", str(tmp_path)), ("processor", "save", str(tmp_path)),
+                     ("model", "push", "me/digits"), ("processor", "push", "me/digits")]
