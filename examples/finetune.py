@@ -41,7 +41,7 @@ from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcesso
 
 # The tuned recipe for the built-in task. Notes on why each value is what it is are in the README / report.
 RECIPE = dict(
-    max_steps=1350,
+    max_steps=1700,
     batch_size=16,
     learning_rate=1e-3,  # vision tower; >= 2e-3 leaves it stuck at chance
     connector_learning_rate=1e-3,
@@ -59,7 +59,7 @@ RECIPE = dict(
     curriculum_full=0.7,  # fraction of the epochs by which the largest side reaches max_side
     shuffle_factors=(2,),
     max_image_tokens=144,  # (384 / 16 / 2) ** 2: the largest canvas keeps every 2x2 patch cell, no pooling
-    vision_layers=2,
+    vision_layers=1,  # as good as 2 layers per step here, and ~1.3x faster per step on large canvases
     vision_hidden=128,
     text_layers=2,
     text_hidden=128,
@@ -307,20 +307,21 @@ class EpochBucketSampler(BucketBatchSampler):
         super().load_state_dict(state)
 
 
-def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full: float, first_max: int | None = None):
-    """side_schedule(epoch) -> (min_side, largest side).
+def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full: float):
+    """side_schedule(epoch) -> (min_side, largest side): min_side x min_side canvases only for the first `start`
+    fraction of the epochs, then the largest side grows linearly to `max_side`, reached at the `full` fraction.
 
-    Canvases up to `first_max` (default min_side) for the first `start` fraction of the epochs, then the largest
-    side grows linearly to `max_side`, reached at the `full` fraction.
+    The square start matters: with one fixed geometry the digit takes off after ~150 steps, while with sizes
+    mixed from the start (even only 128-192 px) it stayed at chance for 950 steps; growing afterwards costs a
+    short bump in the loss.
     """
-    first_max = min(max_side, max(min_side, first_max or min_side))
 
     def schedule(epoch: int) -> tuple[int, int]:
         fraction = epoch / max(1, num_epochs)
-        if fraction < start:
-            return min_side, first_max
+        if fraction < start or max_side <= min_side:
+            return min_side, min_side
         grown = min(1.0, (fraction - start) / max(1e-9, full - start))
-        return min_side, int(round(first_max + grown * (max_side - first_max)))
+        return min_side, int(round(min_side + grown * (max_side - min_side)))
 
     return schedule
 
