@@ -15,6 +15,16 @@ training digits, and a curriculum widens the canvas range from small squares to 
 Writes to `--output_dir`: `metrics.json`, `loss_curve.png` and `model/` (model + processor, loadable with
 `AutoModelForImageTextToText` / `AutoProcessor` `.from_pretrained(folder, trust_remote_code=True)`).
 `--push_to_hub REPO` pushes that folder's model and processor after saving.
+
+The recipe (`RECIPE`), and what each part is worth on this task (2 shared CPU cores):
+  - LM initialised with std 0.08 (not 0.02): with 0.02 the LM learns the answer format and the quadrant but the
+    digit stays at chance for hundreds of steps; 0.08 makes it take off after ~150 steps (10 % -> 66 % in 400
+    steps on 128 px canvases).
+  - a curriculum by epoch: 128 x 128 canvases for the first 30 % (one geometry: the digit takes off there; mixed
+    sizes from step 0 stayed at chance), then the largest side grows to 384 by 70 % of the run.
+  - shuffle factor 2 only, budget 144 tokens: one projection, no canvas pooled.
+  - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases.
+  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 1700 steps.
 """
 
 from __future__ import annotations
@@ -59,9 +69,9 @@ RECIPE = dict(
     curriculum_full=0.7,  # fraction of the epochs by which the largest side reaches max_side
     shuffle_factors=(2,),
     max_image_tokens=144,  # (384 / 16 / 2) ** 2: the largest canvas keeps every 2x2 patch cell, no pooling
-    vision_layers=1,  # as good as 2 layers per step here, and ~1.3x faster per step on large canvases
-    vision_hidden=128,
-    text_layers=2,
+    vision_layers=1,  # a 1-layer, 96-wide tower learns the digits as fast per step as 2 x 128 (2 x 192: slower),
+    vision_hidden=96,  # and a step on large canvases costs much less: more steps fit in the time
+    text_layers=2,  # 1 LM layer: -4 points of digit accuracy
     text_hidden=128,
     text_init_range=0.08,  # LM weights ~N(0, 0.08) instead of 0.02: with 0.02 the digit stays at chance for
     # hundreds of steps (the LM learns the answer format and the quadrant, but no digit signal flows back)
