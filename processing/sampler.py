@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from .image_processing_nanovlm import ImagePlan, image_size
+from .image_processing_nanovlm import ImagePlan
 
 # Resized long side, upper edges of the size buckets (anything larger falls in one more bucket).
 SIZE_BUCKETS = (512, 768, 1024, 1536)
@@ -66,7 +66,8 @@ def _as_image_list(sizes) -> list[tuple[int, int]]:
         return []
     if len(sizes) == 2 and all(isinstance(side, (int, np.integer)) for side in sizes):
         return [(int(sizes[0]), int(sizes[1]))]
-    return [(int(height), int(width)) for height, width in sizes]
+    # None: an image whose header could not be read (`skip_bad_images`): no tokens; the collator deals with the row
+    return [(int(height), int(width)) for height, width in (size for size in sizes if size is not None)]
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -121,6 +122,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"{len(text_lengths)} samples cannot give every one of {num_replicas} processes a batch")
 
         self.image_processor = image_processor
+        self._plans, self._rows = {}, {}  # plan caches, by image size and by a sample's image sizes
         self.plan_overrides = dict(plan_overrides or {})
         self.snapping = bool(self.plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
         self.size_buckets = tuple(size_buckets)
@@ -137,17 +139,22 @@ class BucketBatchSampler(Sampler[list[int]]):
 
         self.lengths, self.keys, self.shapes = [], [], []
         for index, (sizes, text_length) in enumerate(zip(image_sizes, text_lengths)):
-            plans = [self.plan(height, width) for height, width in _as_image_list(sizes)]
-            length = int(text_length) + sum(plan.num_tokens for plan in plans)
+            image_tokens, key, shapes = self._plan_row(sizes)
+            length = int(text_length) + image_tokens
             if max_tokens_per_batch is not None and length > max_tokens_per_batch:
                 raise ValueError(
                     f"sample {index} needs {length} tokens ({text_length} text + {length - int(text_length)} image), "
                     f"more than max_tokens_per_batch={max_tokens_per_batch}"
                 )
             self.lengths.append(length)
-            self.keys.append(tuple(sorted(self.bucket_of(plan) for plan in plans)))
-            self.shapes.append(tuple(sorted((plan.resized_height, plan.resized_width) for plan in plans)))
+            self.keys.append(key)
+            self.shapes.append(shapes)
         self.rounded_lengths = [-(-length // length_step) * length_step for length in self.lengths]
+        # numpy views of the sort keys of `batches` (shapes by rank): sorting millions of rows with a Python key
+        # function takes tens of seconds
+        self._sort_lengths = -np.asarray(self.rounded_lengths, dtype=np.int64)
+        shape_rank = {shape: rank for rank, shape in enumerate(sorted(set(self.shapes)))}
+        self._sort_shapes = np.asarray([shape_rank[shape] for shape in self.shapes], dtype=np.int64)
 
         self.epoch = 0
         self._cached = (None, None)  # (epoch, batches)
@@ -158,7 +165,32 @@ class BucketBatchSampler(Sampler[list[int]]):
     # --- plan and buckets: read from the image processor, never re-derived -------------------------------
 
     def plan(self, height: int, width: int) -> ImagePlan:
-        return self.image_processor.plan(height, width, **self.plan_overrides)
+        # Cached by size: datasets of millions of rows have far fewer distinct sizes, and planning is pure Python.
+        key = (height, width)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.image_processor.plan(height, width, **self.plan_overrides)
+        return plan
+
+    def _plan_row(self, sizes) -> tuple[int, tuple, tuple]:
+        """(image tokens, bucket key, resized shapes) of one sample's image sizes, cached for hashable sizes
+        (`from_dataset` hands rows with equal sizes the same tuple: a large dataset has few distinct ones)."""
+        try:
+            return self._rows[sizes]
+        except (KeyError, TypeError):  # not seen yet, or a list (unhashable)
+            pass
+        plans = [self.plan(height, width) for height, width in _as_image_list(sizes)]
+        planned = (
+            sum(plan.num_tokens for plan in plans),
+            tuple(sorted(self.bucket_of(plan) for plan in plans)),
+            tuple(sorted((plan.resized_height, plan.resized_width) for plan in plans)),
+        )
+        if isinstance(sizes, tuple):
+            try:
+                self._rows[sizes] = planned
+            except TypeError:
+                pass
+        return planned
 
     def bucket_of(self, plan: ImagePlan) -> tuple[int, int]:
         if self.snapping:  # every image already sits on one of a few exact shapes: those are the buckets
@@ -172,28 +204,23 @@ class BucketBatchSampler(Sampler[list[int]]):
         image_processor,
         text_length: Callable[[dict], int] | str,
         image_column: str | None = None,
+        skip_bad_images: bool = False,
         **kwargs,
     ) -> "BucketBatchSampler":
-        """A sampler for a dataset of rows with an image column ("images" or "image" by default).
+        """A sampler for a dataset of rows (a `datasets.Dataset` or a list of dicts) with images.
 
-        Image sizes are read from file headers (`image_size`); a `datasets.Dataset` image column is read as raw
-        bytes / paths, so no image is decoded. `text_length` is a function of a row without its image column
-        (e.g. `NanoVLMCollator(processor).text_length`) or the name of a column holding text lengths.
+        Image sizes come from columns when the dataset has them -- `image_sizes` (per row, [height, width] of each
+        image; `processing.add_image_sizes` adds it in parallel, cached) or `height` + `width` -- and otherwise
+        from the image files' headers ("images" or "image" column, or `image_column`); no image is decoded either
+        way. `text_length` is the name of a column of text lengths (fast: `processing.add_text_lengths`) or a
+        function of a row without its image column (e.g. `NanoVLMCollator(processor).text_length`).
+        `skip_bad_images`: an unreadable header counts as an image of no tokens instead of an error (the collator
+        then raises on that row, or skips it with `skip_bad_rows`). See `processing/sizes.py`.
         """
-        column_names = _column_names(dataset)
-        if image_column is None:
-            image_column = next((name for name in ("images", "image") if name in column_names), None)
-            if image_column is None:
-                raise ValueError(f"no 'images' or 'image' column among {column_names}; pass image_column=")
-        elif image_column not in column_names:
-            raise ValueError(f"image_column {image_column!r} is not among the columns {column_names}")
+        from .sizes import dataset_image_sizes, dataset_text_lengths
 
-        image_sizes, text_lengths = [], []
-        for images, row in _images_and_rows(dataset, image_column):
-            if images is not None and not isinstance(images, (list, tuple)):
-                images = [images]
-            image_sizes.append([image_size(_header_source(image)) for image in images or []])
-            text_lengths.append(int(row[text_length]) if isinstance(text_length, str) else int(text_length(row)))
+        image_sizes = dataset_image_sizes(dataset, image_column, skip_bad_images)
+        text_lengths = dataset_text_lengths(dataset, text_length, image_column)
         return cls(image_sizes, text_lengths, image_processor, **kwargs)
 
     # --- the epoch's batches -----------------------------------------------------------------------------
@@ -210,9 +237,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             by_bucket[key].append(index)
         batches, leftovers = [], []
         for key in sorted(by_bucket):
-            members = sorted(
-                by_bucket[key], key=lambda i: (-self.rounded_lengths[i], self.shapes[i], tie_break[i])
-            )
+            members = self._sorted_members(by_bucket[key], tie_break)
             if self.max_tokens_per_batch is not None:
                 batches += self._pack(members)
             else:
@@ -229,6 +254,12 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches.sort(key=lambda batch: len(batch) < self.batch_size)
         self._cached = (epoch, batches)
         return batches
+
+    def _sorted_members(self, members: list[int], tie_break: np.ndarray) -> list[int]:
+        """A bucket's samples by rounded length (longest first), then exact image shapes, then `tie_break`."""
+        members = np.asarray(members, dtype=np.int64)
+        order = np.lexsort((tie_break[members], self._sort_shapes[members], self._sort_lengths[members]))
+        return members[order].tolist()
 
     def _pack(self, members: list[int]) -> list[list[int]]:
         """Greedy cut of length-sorted (longest first) samples into batches within the token budget."""
@@ -289,41 +320,6 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def _column_names(dataset) -> list[str]:
-    if hasattr(dataset, "column_names"):
-        return list(dataset.column_names)
-    return list(dataset[0].keys()) if len(dataset) else []
-
-
-def _images_and_rows(dataset, image_column: str):
-    """(images, row without images) per sample; a `datasets.Dataset` is read as Arrow so images stay encoded."""
-    import datasets  # here, not at module level: importing it is slow and a list of rows does not need it
-
-    if isinstance(dataset, datasets.Dataset):
-        raw_images = dataset.select_columns([image_column]).with_format("arrow")
-        text_rows = dataset.remove_columns([image_column])
-        start = 0
-        for table in raw_images.iter(batch_size=1000):
-            for offset, images in enumerate(table[image_column].to_pylist()):
-                yield images, text_rows[start + offset]
-            start += table.num_rows
-        return
-    for index in range(len(dataset)):
-        row = dict(dataset[index])
-        yield row.pop(image_column), row
-
-
-def _header_source(image):
-    """What `image_size` reads: encoded bytes or a path from a `datasets` image struct, else the image itself."""
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            return image["bytes"]
-        if image.get("path"):
-            return image["path"]
-        raise ValueError(f"image entry {image!r} has neither bytes nor a path")
-    return image
 
 
 __all__ = ["BucketBatchSampler", "bucket_key", "SIZE_BUCKETS", "ASPECT_RATIO_EDGES"]

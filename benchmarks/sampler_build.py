@@ -1,0 +1,182 @@
+"""Building the bucketing sampler at dataset scale: a million rows from size columns, and the header-reading helper.
+
+    python benchmarks/sampler_build.py --json benchmarks/results/sampler_build.json
+    python benchmarks/sampler_build.py --quick          # 100,000 rows, 200 photos (seconds)
+
+1. A `datasets.Dataset` of `--rows` rows (default 1,000,000) with an `images` column, an `image_sizes` column (the
+   synthetic training mix of benchmarks/_common.py: photos, documents, screenshots, charts, small images; 1 in 20
+   rows has two images) and a `text_length` column. Times `BucketBatchSampler.from_dataset(dataset, ip,
+   text_length="text_length", batch_size=16)`: reading both columns, planning every row, cutting epoch 0's batches
+   (and epoch 1's, as the Trainer does at the next epoch).
+2. `add_image_sizes` on `--photos` rows of real encoded photos (scikit-image and scikit-learn samples, re-encoded as
+   JPEG / PNG at varied sizes, saved with `save_to_disk`): rows per second reading headers, with `num_proc=1` and
+   `num_proc=2`, and the second call's time (read back from the `datasets` cache). Checks that the sizes equal the
+   decoded images' sizes and that the sampler built from the column equals the one built from the headers.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import argument_parser, environment, table, training_mix, write_json  # noqa: E402
+
+
+def million_row_dataset(num_rows: int, seed: int):
+    """`num_rows` rows: images (placeholder bytes: only the list lengths are read), image_sizes, text_length."""
+    import datasets
+    import pyarrow as pa
+
+    distinct = min(num_rows, 20_000)  # sizes and lengths drawn from the mix, then resampled to num_rows rows
+    mix = training_mix(distinct, seed=seed)
+    rng = np.random.default_rng(seed)
+    per_row = np.where(rng.random(num_rows) < 0.05, 2, 1)
+    pick = rng.integers(0, distinct, int(per_row.sum()))
+    sizes = np.asarray(mix["image_sizes"], dtype=np.int32)[pick]
+    lengths = np.asarray(mix["text_lengths"], dtype=np.int32)[rng.integers(0, distinct, num_rows)]
+
+    offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+    pairs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * len(sizes) + 1, 2, dtype=np.int32)),
+                                     pa.array(sizes.reshape(-1)))
+    image = pa.StructArray.from_arrays([pa.array([b"x"] * len(sizes), pa.binary()), pa.nulls(len(sizes), pa.string())],
+                                       names=["bytes", "path"])
+    arrow = pa.table({"images": pa.ListArray.from_arrays(offsets, image),
+                      "image_sizes": pa.ListArray.from_arrays(offsets, pairs),
+                      "text_length": pa.array(lengths)})
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "image_sizes": datasets.List(datasets.List(datasets.Value("int32"))),
+                                  "text_length": datasets.Value("int32")})
+    return datasets.Dataset(datasets.table.InMemoryTable(arrow), info=datasets.DatasetInfo(features=features))
+
+
+def build_from_columns(num_rows: int, seed: int) -> dict:
+    from processing import BucketBatchSampler, NanoVLMImageProcessor
+    from processing.sizes import dataset_image_sizes, dataset_text_lengths
+
+    dataset = million_row_dataset(num_rows, seed)
+    image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
+    started = time.perf_counter()
+    sampler = BucketBatchSampler.from_dataset(dataset, image_processor, text_length="text_length", batch_size=16,
+                                              seed=seed)
+    total = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset_image_sizes(dataset)
+    read_sizes = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset_text_lengths(dataset, "text_length", None)
+    read_lengths = time.perf_counter() - started
+    started = time.perf_counter()
+    sampler.batches(1)
+    next_epoch = time.perf_counter() - started
+    return {
+        "rows": num_rows,
+        "images": int(sum(len(shapes) for shapes in sampler.shapes)),
+        "distinct_image_sizes": len(sampler._plans),
+        "batches": sampler.num_batches,
+        "from_dataset_seconds": round(total, 2),
+        "read_size_column_seconds": round(read_sizes, 2),
+        "read_text_length_column_seconds": round(read_lengths, 2),
+        "next_epoch_batches_seconds": round(next_epoch, 2),
+    }
+
+
+def photo_dataset(folder: Path, num_rows: int, seed: int):
+    """`num_rows` rows of real photos re-encoded at varied sizes (JPEG, 1 in 4 PNG; 1 in 10 rows with two)."""
+    import datasets
+    from PIL import Image
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_images
+
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), *load_sample_images().images]
+    photos = [Image.fromarray(photo) for photo in photos]
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for index in range(64):  # distinct encodings, reused across rows
+        photo = photos[index % len(photos)]
+        scale = rng.uniform(0.3, 1.0)
+        resized = photo.resize((max(16, int(photo.width * scale)), max(16, int(photo.height * scale))))
+        buffer = io.BytesIO()
+        resized.save(buffer, format="PNG" if index % 4 == 3 else "JPEG", quality=90)
+        encoded.append((buffer.getvalue(), (resized.height, resized.width)))
+    rows, truth = [], []
+    for _ in range(num_rows):
+        picks = rng.integers(0, len(encoded), 2 if rng.random() < 0.1 else 1)
+        rows.append([{"bytes": encoded[p][0], "path": None} for p in picks])
+        truth.append([list(encoded[p][1]) for p in picks])
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "text_length": datasets.Value("int32")})
+    dataset = datasets.Dataset.from_dict({"images": rows, "text_length": [20] * num_rows}, features=features)
+    dataset.save_to_disk(str(folder))
+    return truth
+
+
+def header_helper(num_rows: int, seed: int) -> dict:
+    import datasets
+
+    from processing import BucketBatchSampler, NanoVLMImageProcessor, add_image_sizes
+
+    datasets.disable_progress_bars()
+    results = {"rows": num_rows}
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        truth = photo_dataset(root / "photos", num_rows, seed)
+        for num_proc in (1, 2):
+            # a fresh copy per setting: the cache of the first call would answer the second
+            copy = root / f"copy{num_proc}"
+            datasets.load_from_disk(str(root / "photos")).save_to_disk(str(copy))
+            dataset = datasets.load_from_disk(str(copy))
+            started = time.perf_counter()
+            with_sizes = add_image_sizes(dataset, num_proc=num_proc if num_proc > 1 else None)
+            seconds = time.perf_counter() - started
+            results[f"rows_per_second_num_proc_{num_proc}"] = round(num_rows / seconds)
+            if num_proc == 1:
+                assert with_sizes["image_sizes"] == truth, "add_image_sizes disagrees with the decoded sizes"
+                started = time.perf_counter()
+                again = add_image_sizes(datasets.load_from_disk(str(copy)))
+                results["cached_call_seconds"] = round(time.perf_counter() - started, 3)
+                assert again["image_sizes"] == truth
+                image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
+                from_column = BucketBatchSampler.from_dataset(with_sizes, image_processor, "text_length", batch_size=8)
+                from_headers = BucketBatchSampler.from_dataset(dataset, image_processor, "text_length", batch_size=8)
+                assert from_column.lengths == from_headers.lengths and from_column.keys == from_headers.keys
+                results["sampler_from_column_equals_from_headers"] = True
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=None, help="rows of the size-column dataset (default 1,000,000)")
+    parser.add_argument("--photos", type=int, default=None, help="rows of real photos for add_image_sizes")
+    args = parser.parse_args(argv)
+    rows = args.rows or (100_000 if args.quick else 1_000_000)
+    photos = args.photos or (200 if args.quick else 4_000)
+
+    build = build_from_columns(rows, args.seed)
+    print(table(["rows", "images", "distinct sizes", "batches", "from_dataset s", "read sizes s", "read lengths s",
+                 "next epoch s"],
+                [[build["rows"], build["images"], build["distinct_image_sizes"], build["batches"],
+                  build["from_dataset_seconds"], build["read_size_column_seconds"],
+                  build["read_text_length_column_seconds"], build["next_epoch_batches_seconds"]]],
+                title="BucketBatchSampler.from_dataset from an image_sizes + text_length column"))
+    headers = header_helper(photos, args.seed)
+    estimate = 1_000_000 / headers["rows_per_second_num_proc_1"]
+    headers["seconds_per_million_rows_num_proc_1"] = round(estimate)
+    print()
+    print(table(["rows", "rows/s num_proc=1", "rows/s num_proc=2", "cached call s", "1M rows at num_proc=1 s"],
+                [[headers["rows"], headers["rows_per_second_num_proc_1"], headers["rows_per_second_num_proc_2"],
+                  headers["cached_call_seconds"], headers["seconds_per_million_rows_num_proc_1"]]],
+                title="add_image_sizes on real encoded photos (headers only)"))
+    figures = {"settings": {"rows": rows, "photos": photos, "seed": args.seed, "quick": args.quick},
+               "from_columns": build, "add_image_sizes": headers, "environment": environment()}
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
