@@ -2,37 +2,73 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100  # what the LM loss skips
 IMAGE_COLUMNS = ("images", "image")
+SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
+
+
+class BadRowError(ValueError):
+    """A row that cannot be trained on as it is: malformed, no answer, or an unreadable image."""
+
+
+def row_name(row, position: int) -> str:
+    """How errors name a row: by its dataset index (the reserved `__index__` key) when it has one, else its place in
+    the batch."""
+    if isinstance(row, dict) and row.get("__index__") is not None:
+        return f"dataset row {row['__index__']}"
+    return f"row {position}"
 
 
 class NanoVLMCollator:
     r"""Turns rows into the model's batch: input_ids, attention_mask, labels and the image inputs.
 
     A row is a dict with images under "images" (a list) or "image" (one), and either
+      - "texts": the Cauldron / FineVision schema, a list of turns `{"user": ..., "assistant": ..., ...}` (other
+        keys, such as "source", are ignored); when no turn holds an `<image>` placeholder, the row's images go in
+        front of the first user turn, in order; or
       - "messages": a chat, a list of {"role", "content"}, content a string or a list of {"type": "image"} /
         {"type": "text", "text": ...} parts (an image part may carry the image itself under "image" when the row
         has no image column); each image part or `<image>` in a string is one image, in order; or
       - "prompt" and "answer" strings: one user turn and one assistant turn; the prompt gets one `<image>` per
         image in front when it has none.
-    Other keys are ignored. Text is rendered with the processor's chat template.
+    Other keys are ignored; "__index__" (the row's dataset index) names the row in errors. Text is rendered with
+    the processor's chat template.
 
     `labels` are -100 everywhere except the tokens of every assistant answer, the closing `<|im_end|>` included
     (so the model learns to stop) and the newline after it excluded. Text is padded on the right; images are never
     padded. `max_length` truncates on the right (the processor refuses to cut through an image); a row whose
-    answer is truncated away entirely is an error. Bad rows raise ValueError naming the row's place in the batch.
+    answer is truncated away entirely is an error.
+
+    Bad rows -- malformed, an empty answer, an image that cannot be read -- raise `BadRowError` (or the processor's
+    `ImageInputError`) naming the row (`row_name`). With `skip_bad_rows=True` they are dropped from their batch
+    instead, counted in `skipped_rows` (the first messages kept in `skipped_examples`) and logged; a batch whose
+    rows are all bad is still an error. The count is per process: with DataLoader workers each worker collates in
+    its own copy of the collator.
     """
 
-    def __init__(self, processor, max_length: int | None = None, plan_overrides: dict | None = None):
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = None,
+        plan_overrides: dict | None = None,
+        skip_bad_rows: bool = False,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.plan_overrides = dict(plan_overrides or {})
+        self.skip_bad_rows = skip_bad_rows
+        self.skipped_rows = 0
+        self.skipped_examples: list[str] = []  # the first few reasons, for the end-of-run report
         self.image_token_id = processor.image_token_id
         # The token that closes a turn: ChatML's <|im_end|> (the default template) even where the tokenizer's eos is
         # another token, as in base (non-instruct) SmolLM2 checkpoints.
@@ -40,49 +76,81 @@ class NanoVLMCollator:
         self.end_of_turn = "<|im_end|>" if has_chatml_end else self.tokenizer.eos_token
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        texts, images, answer_spans = [], [], []
-        for index, row in enumerate(rows):
-            messages, row_images = self.conversation(row, index)
-            text, spans = self.render(messages, index)
-            if text.count(IMAGE_TOKEN) != len(row_images):
-                raise ValueError(
-                    f"row {index}: the text has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
-                    f"but the row has {len(row_images)} images"
+        prepared = []  # (row name, text, images, answer spans) of the rows kept
+        for position, row in enumerate(rows):
+            try:
+                prepared.append(self._prepare(row, position))
+            except BadRowError as error:
+                self._skip_or_raise(error)
+        while True:
+            if not prepared:
+                raise BadRowError(
+                    f"all {len(rows)} rows of this batch are bad and were skipped "
+                    f"({self.skipped_rows} skipped so far; latest: {self.skipped_examples[-1:]})"
                 )
-            texts.append(text)
-            images.append(row_images)
-            answer_spans.append(spans)
-
-        try:
-            batch = self.processor(
-                text=texts,
-                images=images if any(images) else None,
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                **self.plan_overrides,
-            )
-        except ImageInputError as error:
-            raise _name_the_row(error, images) from error
+            images = [row_images for _, _, row_images, _ in prepared]
+            try:
+                batch = self.processor(
+                    text=[text for _, text, _, _ in prepared],
+                    images=images if any(images) else None,
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="right",
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                    **self.plan_overrides,
+                )
+                break
+            except ImageInputError as error:
+                bad, named = _name_the_row(error, images, [name for name, _, _, _ in prepared])
+                if bad is None or not self.skip_bad_rows:
+                    raise (named if bad is None else ImageInputError(f"{named} ({SKIP_HINT})", named.image_index)) from error
+                self._skip(str(named))
+                del prepared[bad]  # and collate the others again: bad images are rare
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        for index, (text, spans) in enumerate(zip(texts, answer_spans)):
+        for index, (name, text, _, spans) in enumerate(prepared):
             labels[index] = self._row_labels(
-                index, text, spans, batch["input_ids"][index], batch["attention_mask"][index]
+                name, text, spans, batch["input_ids"][index], batch["attention_mask"][index]
             )
         return {**batch, "labels": labels}
+
+    def _prepare(self, row: dict, position: int) -> tuple[str, str, list, list[tuple[int, int]]]:
+        """(name, rendered text, images, answer spans) of one row; `BadRowError` if it cannot be trained on."""
+        name = row_name(row, position)
+        messages, row_images = self.conversation(row, position)
+        text, spans = self.render(messages, name)
+        if text.count(IMAGE_TOKEN) != len(row_images):
+            raise BadRowError(
+                f"{name}: the text has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                f"but the row has {len(row_images)} images"
+            )
+        return name, text, row_images, spans
+
+    def _skip_or_raise(self, error: BadRowError):
+        if not self.skip_bad_rows:
+            raise BadRowError(f"{error} ({SKIP_HINT})") from error
+        self._skip(str(error))
+
+    def _skip(self, reason: str):
+        self.skipped_rows += 1
+        if len(self.skipped_examples) < 20:
+            self.skipped_examples.append(reason)
+        if self.skipped_rows <= 10 or self.skipped_rows & (self.skipped_rows - 1) == 0:  # then at powers of two
+            logger.warning("skipped a bad row (%d so far): %s", self.skipped_rows, reason)
 
     # --- rows -> chat ------------------------------------------------------------------------------------
 
     def conversation(self, row: dict, index: int = 0) -> tuple[list[dict], list]:
-        """The row as chat messages plus its images, in placeholder order."""
+        """The row as chat messages plus its images, in placeholder order. `index`: its place in the batch."""
+        name = row_name(row, index)
         if not isinstance(row, dict):
-            raise ValueError(f"row {index}: expected a dict, got {type(row).__name__}")
-        images = self._row_images(row, index)
+            raise BadRowError(f"{name}: expected a dict, got {type(row).__name__}")
+        images = self._row_images(row, name)
+        if "texts" in row:
+            return self._cauldron_messages(row["texts"], len(images), name), images
         if "messages" in row:
             messages = row["messages"]
-            self._check_messages(messages, index)
+            self._check_messages(messages, name)
             if not images:  # images may travel inside the image parts instead of a column
                 images = [
                     part["image"]
@@ -94,51 +162,74 @@ class NanoVLMCollator:
             return messages, images
         if "prompt" in row and "answer" in row:
             prompt, answer = row["prompt"], row["answer"]
-            if not isinstance(prompt, str) or not isinstance(answer, str) or not answer:
-                raise ValueError(f"row {index}: 'prompt' must be a string and 'answer' a non-empty string")
+            if not isinstance(prompt, str) or not isinstance(answer, str) or not answer.strip():
+                raise BadRowError(f"{name}: 'prompt' must be a string and 'answer' a non-empty string")
             if IMAGE_TOKEN not in prompt:
                 prompt = IMAGE_TOKEN * len(images) + prompt
             return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], images
-        raise ValueError(
-            f"row {index}: needs 'messages' or 'prompt' + 'answer' (and an image column), got keys {sorted(row)}"
+        raise BadRowError(
+            f"{name}: needs 'messages' or 'prompt' + 'answer', or the Cauldron's 'texts' (and an image column), "
+            f"got keys {sorted(row)}"
         )
 
-    def _row_images(self, row: dict, index: int) -> list:
-        present = [name for name in IMAGE_COLUMNS if row.get(name) is not None]
+    @staticmethod
+    def _cauldron_messages(turns, num_images: int, name: str) -> list[dict]:
+        """Cauldron / FineVision turns as chat messages, the images in front of the first user turn when no turn
+        places them with `<image>`."""
+        if not isinstance(turns, (list, tuple)) or not turns:
+            raise BadRowError(f"{name}: 'texts' must be a non-empty list of {{'user', 'assistant'}} turns")
+        messages = []
+        for number, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("user"), str):
+                raise BadRowError(f"{name}: turn {number} of 'texts' must be a dict with a 'user' string, got {turn!r:.200}")
+            answer = turn.get("assistant")
+            if not isinstance(answer, str) or not answer.strip():
+                raise BadRowError(f"{name}: turn {number} of 'texts' has an empty answer ('assistant': {answer!r:.50})")
+            messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": answer}]
+        if num_images and not any(IMAGE_TOKEN in message["content"] for message in messages):
+            messages[0] = {"role": "user", "content": IMAGE_TOKEN * num_images + messages[0]["content"]}
+        return messages
+
+    def _row_images(self, row: dict, name: str) -> list:
+        present = [column for column in IMAGE_COLUMNS if row.get(column) is not None]
         if len(present) > 1:
-            raise ValueError(f"row {index}: has both 'images' and 'image'; use one")
+            raise BadRowError(f"{name}: has both 'images' and 'image'; use one")
         if not present:
             return []
         images = row[present[0]]
-        return list(images) if isinstance(images, (list, tuple)) else [images]
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        missing = [position for position, image in enumerate(images) if image is None]
+        if missing:
+            raise BadRowError(f"{name}: image {missing[0]} of the row is missing (None)")
+        return images
 
     @staticmethod
-    def _check_messages(messages, index: int):
+    def _check_messages(messages, name: str):
         if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValueError(f"row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
+            raise BadRowError(f"{name}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts")
         for turn, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
-                raise ValueError(f"row {index}: message {turn} must be a dict with a 'role' string and a 'content'")
+                raise BadRowError(f"{name}: message {turn} must be a dict with a 'role' string and a 'content'")
             content = message["content"]
             if isinstance(content, str):
                 continue
             if not isinstance(content, (list, tuple)):
-                raise ValueError(f"row {index}: message {turn} content must be a string or a list of parts")
+                raise BadRowError(f"{name}: message {turn} content must be a string or a list of parts")
             for part in content:
                 if not isinstance(part, dict) or part.get("type") not in ("image", "text"):
-                    raise ValueError(
-                        f"row {index}: message {turn} has a part that is not {{'type': 'image' | 'text'}}: {part!r}"
+                    raise BadRowError(
+                        f"{name}: message {turn} has a part that is not {{'type': 'image' | 'text'}}: {part!r}"
                     )
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
-                    raise ValueError(f"row {index}: message {turn} has a text part without a 'text' string")
+                    raise BadRowError(f"{name}: message {turn} has a text part without a 'text' string")
         if messages[0]["role"] == "assistant":
-            raise ValueError(f"row {index}: the conversation starts with an assistant turn; it needs a prompt first")
+            raise BadRowError(f"{name}: the conversation starts with an assistant turn; it needs a prompt first")
         if not any(message["role"] == "assistant" and message["content"] for message in messages):
-            raise ValueError(f"row {index}: no non-empty assistant turn, so nothing to learn from")
+            raise BadRowError(f"{name}: no non-empty assistant turn, so nothing to learn from")
 
     # --- chat -> text and answer spans -------------------------------------------------------------------
 
-    def render(self, messages: list[dict], index: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    def render(self, messages: list[dict], name: str | int = 0) -> tuple[str, list[tuple[int, int]]]:
         """The chat as text, and the character spans of the assistant answers (each up to its end-of-turn token).
 
         An answer starts where the template's generation prompt for it ends, which holds for any template that
@@ -153,7 +244,7 @@ class NanoVLMCollator:
             through = self._template(messages[: turn + 1], add_generation_prompt=False)
             if not (through.startswith(before) and text.startswith(through)):
                 raise ValueError(
-                    f"row {index}: the chat template does not render turns as a plain concatenation, "
+                    f"{name if isinstance(name, str) else f'row {name}'}: the chat template does not render turns as a plain concatenation, "
                     "so the assistant answer cannot be located"
                 )
             end = through.rfind(self.end_of_turn, len(before))
@@ -169,15 +260,21 @@ class NanoVLMCollator:
         """Text tokens of a row, image tokens excluded: the sampler adds those from the image plan.
 
         The row's image column is not needed (and not decoded); placeholders count for nothing either way.
+        With `skip_bad_rows`, a bad row counts 0 here (the collator skips and counts it when its batch comes).
         """
-        messages, _ = self.conversation(row)
+        try:
+            messages, _ = self.conversation(row)
+        except BadRowError:
+            if self.skip_bad_rows:
+                return 0
+            raise
         text = self._template(messages, add_generation_prompt=False)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return sum(1 for token in ids if token != self.image_token_id)
 
     # --- labels --------------------------------------------------------------------------------------------
 
-    def _row_labels(self, index, text, spans, input_ids, attention_mask) -> torch.Tensor:
+    def _row_labels(self, name, text, spans, input_ids, attention_mask) -> torch.Tensor:
         """Labels for one row of the processor's output, from the answer spans of its unexpanded text.
 
         The text is tokenized here once more without expanding `<image>` (a special token, so the text around it
@@ -192,32 +289,33 @@ class NanoVLMCollator:
         positions = ((input_ids != self.image_token_id) & (attention_mask == 1)).nonzero().flatten()
         kept = text_tokens[: len(positions)]  # truncation keeps a prefix
         if [token for token, _ in kept] != input_ids[positions].tolist():
-            raise RuntimeError(f"row {index}: the processor tokenized the text differently from the collator")
+            raise RuntimeError(f"{name}: the processor tokenized the text differently from the collator")
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for position, (token, in_answer) in zip(positions.tolist(), kept):
             if in_answer:
                 labels[position] = token
         if not (labels != IGNORE_INDEX).any():
             raise ValueError(
-                f"row {index}: max_length={self.max_length} truncates away the whole answer "
+                f"{name}: max_length={self.max_length} truncates away the whole answer "
                 f"({len(input_ids)} tokens kept); raise max_length"
             )
         return labels
 
 
-def _name_the_row(error: ImageInputError, images: list[list]) -> ImageInputError:
-    """The processor counts images across the batch; say which row, and which of its images, failed."""
+def _name_the_row(error: ImageInputError, images: list[list], names: list[str]) -> tuple[int | None, ImageInputError]:
+    """The processor counts images across the batch; say which row (its position among `images`, and its name) and
+    which of its images failed."""
     if error.image_index is None:
-        return error
+        return None, error
     cause = error
     while isinstance(cause.__cause__, ImageInputError):  # the innermost message says what is wrong
         cause = cause.__cause__
     position = error.image_index
     for row, row_images in enumerate(images):
         if position < len(row_images):
-            return ImageInputError(f"row {row}, image {position} of the row: {cause}", image_index=error.image_index)
+            return row, ImageInputError(f"{names[row]}, image {position} of the row: {cause}", image_index=error.image_index)
         position -= len(row_images)
-    return error
+    return None, error
 
 
-__all__ = ["NanoVLMCollator", "IGNORE_INDEX"]
+__all__ = ["NanoVLMCollator", "BadRowError", "row_name", "IGNORE_INDEX"]
