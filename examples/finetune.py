@@ -47,7 +47,18 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config  # noqa: E402
-from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor  # noqa: E402
+from processing import (  # noqa: E402
+    BucketBatchSampler,
+    ImageInputError,
+    NanoVLMCollator,
+    NanoVLMImageProcessor,
+    NanoVLMProcessor,
+    add_image_sizes,
+    add_text_lengths,
+    keep_images_encoded,
+    load_image,
+)
+from processing.collator import BadRowError, row_name  # noqa: E402
 
 # The tuned recipe for the built-in task. Notes on why each value is what it is are in the README / report.
 RECIPE = dict(
@@ -91,7 +102,15 @@ def parse_args(argv=None):
     parser.add_argument("--vision_model", help="DINOv3 checkpoint (Hub id or folder) to fine-tune")
     parser.add_argument("--text_model", help="Llama-family LM with its tokenizer (Hub id or folder) to fine-tune")
     parser.add_argument("--dataset", help="datasets.load_dataset name, a data folder, or a save_to_disk folder, "
-                        "with an image/images column and question/prompt + answer, or messages")
+                        "with an image/images column and Cauldron/FineVision 'texts' turns, messages, or "
+                        "question/prompt + answer")
+    parser.add_argument("--dataset_config", help="the dataset's subset (config), e.g. 'vqav2' of "
+                        "HuggingFaceM4/the_cauldron; for a local folder, a sub-folder of it, else a config name")
+    parser.add_argument("--skip_bad_rows", action="store_true",
+                        help="skip rows with a broken image or an empty answer (counted and reported at the end) "
+                        "instead of stopping with an error naming the row")
+    parser.add_argument("--num_proc", type=int, default=None,
+                        help="processes for reading image sizes and text lengths once (datasets.map, cached)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="after saving, push the model and processor to REPO")
     # Tuned defaults; these are for tests and experiments.
     hidden = argparse.SUPPRESS
@@ -107,6 +126,8 @@ def parse_args(argv=None):
     real = [args.vision_model, args.text_model, args.dataset]
     if any(real) and not all(real):
         parser.error("--vision_model, --text_model and --dataset go together")
+    if (args.dataset_config or args.skip_bad_rows or args.num_proc) and not args.dataset:
+        parser.error("--dataset_config, --skip_bad_rows and --num_proc apply to --dataset")
     return args
 
 
@@ -478,38 +499,57 @@ def run_digits(args) -> dict:
 # --- real backbones on a real dataset ----------------------------------------------------------------------
 
 
-def load_rows(name: str, split: str, eval_split: str | None, eval_samples: int, seed: int):
-    """(train, eval) `datasets.Dataset`s with an image/images column and prompt + answer or messages."""
+def load_rows(name: str, split: str, eval_split: str | None, eval_samples: int, seed: int,
+              config: str | None = None):
+    """(train, eval) `datasets.Dataset`s of rows the collator reads: an images/image column with Cauldron /
+    FineVision `texts`, `messages`, or prompt (question, query, instruction) + answer.
+
+    `name`: a `load_dataset` name (Hub id or data folder) or a `save_to_disk` folder. `config`: the subset -- for a
+    local folder, its sub-folder `config` when there is one (a local copy of the Cauldron keeps one folder per
+    subset), else `load_dataset(name, config)`. Without an eval split, a tenth of the rows (at most `eval_samples`)
+    is held out. Every row carries `__index__`, its index in the loaded split, so errors name it; images stay
+    encoded until the collator decodes them (`keep_images_encoded`).
+    """
     import datasets
 
     path = Path(name)
+    if config and path.is_dir() and (path / config).is_dir():
+        path, name, config = path / config, str(path / config), None
     saved = path.is_dir() and any((path / marker).exists() for marker in
                                   ("state.json", "dataset_dict.json", "dataset_info.json"))
-    data = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(name)
+    if saved and config:
+        raise ValueError(f"{name} is a save_to_disk folder with no sub-folder {config!r} (--dataset_config)")
+    data = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(name, config)
     if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{name}: no split {split!r}; it has {list(data)}")
         if eval_split is None:
             eval_split = next((s for s in ("test", "validation") if s in data and s != split), None)
         train, held_out = data[split], (data[eval_split] if eval_split else None)
     else:
         train, held_out = data, None
+
+    def prepare(dataset):
+        columns = set(dataset.column_names)
+        if not {"texts", "messages", "prompt"} & columns:
+            question = next((c for c in ("question", "query", "instruction") if c in columns), None)
+            if question is None or "answer" not in columns:
+                raise ValueError(f"{name}: need an image column with Cauldron-style 'texts', 'messages', or "
+                                 f"question/prompt + answer columns; got {sorted(columns)}")
+            dataset = dataset.rename_column(question, "prompt")
+        if not {"image", "images"} & set(dataset.column_names):
+            raise ValueError(f"{name}: no image or images column among {dataset.column_names}")
+        dataset = keep_images_encoded(dataset)
+        return dataset.add_column("__index__", np.arange(len(dataset)))
+
+    train = prepare(train)
     if held_out is None:  # hold out a few rows for the evaluation
         count = max(1, min(eval_samples, len(train) // 10))
         parts = train.train_test_split(test_size=count, seed=seed)
         train, held_out = parts["train"], parts["test"]
-
-    def normalise(dataset):
-        columns = set(dataset.column_names)
-        if "messages" not in columns and "prompt" not in columns:
-            question = next((c for c in ("question", "query", "instruction") if c in columns), None)
-            if question is None or "answer" not in columns:
-                raise ValueError(f"{name}: need image + question/prompt + answer columns, or messages; "
-                                 f"got {sorted(columns)}")
-            dataset = dataset.rename_column(question, "prompt")
-        if not {"image", "images"} & set(dataset.column_names):
-            raise ValueError(f"{name}: no image or images column among {dataset.column_names}")
-        return dataset
-
-    return normalise(train), normalise(held_out).select(range(min(eval_samples, len(held_out))))
+    else:
+        held_out = prepare(held_out)
+    return train, held_out.select(range(min(eval_samples, len(held_out))))
 
 
 def question_and_reference(processor, collator, row) -> tuple[str, list, str]:
@@ -521,6 +561,31 @@ def question_and_reference(processor, collator, row) -> tuple[str, list, str]:
         reference = " ".join(part.get("text", "") for part in reference if part.get("type") == "text")
     prompt = processor.apply_chat_template(list(messages[:last]), add_generation_prompt=True)
     return prompt, images, reference.strip()
+
+
+def evaluation_rows(processor, collator, held_out) -> tuple[list, list[str]]:
+    """(prompt, decoded images, reference) of each held-out row, and the reasons for the rows skipped.
+
+    Images are decoded here, so a broken one is its row's error (or, with `collator.skip_bad_rows`, a skip)."""
+    items, skipped = [], []
+    for position, row in enumerate(held_out):
+        try:
+            prompt, images, reference = question_and_reference(processor, collator, row)
+            decoded = []
+            for number, image in enumerate(images):
+                try:
+                    decoded.append(load_image(image))
+                except ImageInputError as error:
+                    raise BadRowError(f"{row_name(row, position)}, image {number} of the row: {error}") from error
+        except BadRowError as error:
+            if not collator.skip_bad_rows:
+                raise BadRowError(f"held-out {error} (--skip_bad_rows skips and counts such rows)") from error
+            skipped.append(str(error))
+            continue
+        items.append((prompt, decoded, reference))
+    if not items:
+        raise ValueError(f"no usable held-out row: all {len(held_out)} are bad ({skipped[:3]})")
+    return items, skipped
 
 
 def run_dataset(args) -> dict:
@@ -546,23 +611,36 @@ def run_dataset(args) -> dict:
         shuffle_factors=processor.image_processor.shuffle_factors,
     )
     set_generation_tokens(model, processor.tokenizer)
-    train, held_out = load_rows(args.dataset, args.dataset_split, args.eval_split, settings["eval_samples"], args.seed)
+    train, held_out = load_rows(args.dataset, args.dataset_split, args.eval_split, settings["eval_samples"], args.seed,
+                                config=args.dataset_config)
     if args.train_samples:
         train = train.select(range(min(args.train_samples, len(train))))
-    print(f"fine-tuning {args.vision_model} + {args.text_model} on {args.dataset}: {len(train)} training rows, "
-          f"{len(held_out)} held out")
+    subset = f" ({args.dataset_config})" if args.dataset_config else ""
+    print(f"fine-tuning {args.vision_model} + {args.text_model} on {args.dataset}{subset}: {len(train)} training "
+          f"rows, {len(held_out)} held out")
 
-    collator = NanoVLMCollator(processor)
+    collator = NanoVLMCollator(processor, skip_bad_rows=args.skip_bad_rows)
+    # The sampler's inputs, read once with datasets.map (in parallel with --num_proc, cached next time): image sizes
+    # from file headers, text lengths from the chat template. Neither decodes an image.
+    if "image_sizes" not in train.column_names:
+        train = add_image_sizes(train, num_proc=args.num_proc, skip_bad_images=args.skip_bad_rows)
+    train = add_text_lengths(train, collator.text_length, num_proc=args.num_proc)
+    training_args = training_arguments(args, output_dir, args.max_steps, settings["batch_size"],
+                                       settings["learning_rate"], 0.05)
+    sampler = BucketBatchSampler.from_dataset(
+        train, processor.image_processor, text_length="text_length", batch_size=settings["batch_size"],
+        num_replicas=training_args.world_size, seed=args.seed,
+    )
     optimizer = make_optimizer(model, {"vision_tower": settings["learning_rate"],
                                        "connector": settings["connector_learning_rate"],
                                        "language_model": settings["learning_rate"]})
     trainer = NanoVLMTrainer(
         model=model,
-        args=training_arguments(args, output_dir, args.max_steps, settings["batch_size"], settings["learning_rate"],
-                                0.05),
+        args=training_args,
         train_dataset=train,
         data_collator=collator,
         processing_class=processor,
+        batch_sampler=sampler,
         optimizers=(optimizer, None),
         callbacks=[] if args.threads else [AdaptiveThreads()],
     )
@@ -570,7 +648,8 @@ def run_dataset(args) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - started
 
-    prompts, images, references = zip(*(question_and_reference(processor, collator, row) for row in held_out))
+    items, skipped_eval = evaluation_rows(processor, collator, held_out)
+    prompts, images, references = zip(*items)
     started = time.perf_counter()
     answers = generate_answers(model, processor, images, prompts, settings["max_new_tokens"], batch_size=8)
     eval_seconds = time.perf_counter() - started
@@ -581,6 +660,7 @@ def run_dataset(args) -> dict:
     metrics = {
         "task": "dataset",
         "dataset": args.dataset,
+        "dataset_config": args.dataset_config,
         "exact_match": sum(norm(a) == norm(r) for a, r in zip(answers, references)) / len(references),
         "digit_accuracy": None,  # the built-in task's metrics; not defined for an arbitrary dataset
         "quadrant_accuracy": None,
@@ -588,17 +668,23 @@ def run_dataset(args) -> dict:
         "train_samples": int(trainer.state.global_step * settings["batch_size"]),
         "eval_samples": len(references),
         "eval_seconds": round(eval_seconds, 1),
+        "skipped_train_rows": collator.skipped_rows,
+        "skipped_eval_rows": len(skipped_eval),
         "final_loss": last_loss(trainer.state.log_history),
         "seed": args.seed,
     }
-    print(f"held-out exact match {metrics['exact_match']:.1%} on {len(references)} rows")
+    print(f"held-out exact match {metrics['exact_match']:.1%} on {len(references)} rows (greedy answers)")
+    if args.skip_bad_rows:
+        examples = (collator.skipped_examples + skipped_eval)[:3]
+        print(f"skipped bad rows: {collator.skipped_rows} in training, {len(skipped_eval)} held out"
+              + (f"; e.g. {examples}" if examples else ""))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", f"nanoVLM fine-tuned on {args.dataset}")
 
     folder = output_dir / "model"
     save_and_push(model, processor, folder, args.push_to_hub)
-    row = held_out[0]
-    prompt, row_images, reference = question_and_reference(processor, collator, row)
+    prompt, row_images, reference = items[0]
+    before = generate_answers(model, processor, [row_images], [prompt], settings["max_new_tokens"])[0]
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     reloaded = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True)
@@ -607,6 +693,8 @@ def run_dataset(args) -> dict:
     print(f"reloaded {folder} through AutoModelForImageTextToText / AutoProcessor (trust_remote_code=True)")
     print(f"Q: {prompt!r}\nA: {answer}    (reference: {reference})")
     metrics["reloaded_answer"] = answer
+    metrics["reloaded_answer_matches"] = answer == before  # the saved folder answers as the trained model did
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -20,6 +20,7 @@ NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 from .collator import NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
 from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
-from .sizes import add_image_sizes, add_text_lengths  # noqa: E402
+from .sizes import add_image_sizes, add_text_lengths, keep_images_encoded  # noqa: E402
 
-__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key", "add_image_sizes", "add_text_lengths"]
+__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key", "add_image_sizes", "add_text_lengths",
+            "keep_images_encoded"]

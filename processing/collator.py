@@ -8,6 +8,7 @@ import torch
 
 from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
+from .sizes import image_source
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +199,11 @@ class NanoVLMCollator:
             return []
         images = row[present[0]]
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        missing = [position for position, image in enumerate(images) if image is None]
-        if missing:
-            raise BadRowError(f"{name}: image {missing[0]} of the row is missing (None)")
+        for position, image in enumerate(images):
+            try:
+                images[position] = image_source(image)  # an undecoded `datasets` image: its bytes or path
+            except ImageInputError as error:
+                raise BadRowError(f"{name}, image {position} of the row: {error}") from error
         return images
 
     @staticmethod

@@ -55,7 +55,7 @@ def header_sizes(images, where: str, skip_bad_images: bool = False) -> list:
     sizes = []
     for position, image in enumerate(images):
         try:
-            sizes.append(list(image_size(_header_source(image))))
+            sizes.append(list(image_size(image_source(image))))
         except ImageInputError as error:
             if not skip_bad_images:
                 raise ImageInputError(f"{where}, image {position} of the row: {error}") from error
@@ -64,8 +64,9 @@ def header_sizes(images, where: str, skip_bad_images: bool = False) -> list:
     return sizes
 
 
-def _header_source(image):
-    """What `image_size` reads: encoded bytes or a path from a `datasets` image struct, else the image itself."""
+def image_source(image):
+    """An image as `load_image` / `image_size` read it: a `datasets` image struct ({"bytes", "path"}, what an
+    undecoded `datasets.Image` column holds) becomes its encoded bytes or its path; anything else is unchanged."""
     if isinstance(image, dict):
         if image.get("bytes"):
             return image["bytes"]
@@ -75,6 +76,34 @@ def _header_source(image):
     if image is None:
         raise ImageInputError("the image is missing (None)")
     return image
+
+
+def keep_images_encoded(dataset, image_column: str | None = None):
+    """`dataset` whose image column is not decoded when rows are read: rows hold {"bytes", "path"} structs, which
+    the collator decodes. Why: `datasets` decodes images inside `dataset[indices]`, so one broken image would crash
+    the DataLoader with no row named; decoded in the collator, it is an error naming the row, or skipped and counted
+    with `skip_bad_rows`. Only the feature's decode flag changes (no data is copied).
+    """
+    import datasets
+
+    names = dataset.column_names
+    image_column = find_image_column(names, image_column)
+    if image_column is None:
+        return dataset
+    feature = dataset.features[image_column]
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if not isinstance(inner, datasets.Image):
+        raise ValueError(f"column {image_column!r} is {feature}, not an Image or a list of Images")
+    # `cast_column` to a list of undecoded images would rewrite the whole dataset (a full `cast`) though the Arrow
+    # data stays the same; swap the feature on a new Dataset over the same table instead.
+    features = dataset.features.copy()
+    features[image_column] = type(feature)(datasets.Image(decode=False))
+    info = dataset.info.copy()
+    info.features = features
+    return datasets.Dataset(dataset.data, info=info, split=dataset.split, indices_table=dataset._indices,
+                            fingerprint=f"{dataset._fingerprint}-encoded-{image_column}")
 
 
 # --- sizes for the sampler ------------------------------------------------------------------------------------
@@ -330,5 +359,5 @@ def add_text_lengths(dataset, text_length: Callable[[dict], int], num_proc: int 
     return datasets.concatenate_datasets([dataset, lengths], axis=1)
 
 
-__all__ = ["add_image_sizes", "add_text_lengths", "dataset_image_sizes", "dataset_text_lengths",
+__all__ = ["add_image_sizes", "add_text_lengths", "keep_images_encoded", "image_source", "dataset_image_sizes", "dataset_text_lengths",
            "IMAGE_SIZES_COLUMN", "TEXT_LENGTH_COLUMN"]
