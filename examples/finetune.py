@@ -580,7 +580,7 @@ def evaluation_rows(processor, collator, held_out) -> tuple[list, list[str]]:
         except BadRowError as error:
             if not collator.skip_bad_rows:
                 raise BadRowError(f"held-out {error} (--skip_bad_rows skips and counts such rows)") from error
-            skipped.append(str(error))
+            skipped.append(f"held-out {error}")
             continue
         items.append((prompt, decoded, reference))
     if not items:

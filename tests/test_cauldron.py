@@ -273,6 +273,7 @@ def test_keep_images_encoded_changes_no_data(photo_folder):
     assert set(kept[0]["images"][0]) == {"bytes", "path"} and isinstance(dataset[0]["images"][0], Image.Image)
 
 
+@pytest.mark.slow  # ~10-20 s: a subprocess importing datasets and torch, and a 2-process map
 def test_sampler_build_benchmark_quick(tmp_path):
     out = tmp_path / "sampler_build.json"
     completed = subprocess.run(
