@@ -3,6 +3,8 @@
     python examples/finetune.py                      # the built-in task, from scratch (a few minutes on 2 CPU cores)
     python examples/finetune.py --output_dir DIR --max_steps N --seed S
     python examples/finetune.py --vision_model V --text_model T --dataset D   # real backbones on a real dataset
+    python examples/finetune.py --vision_model V --text_model T --dataset HuggingFaceM4/the_cauldron \
+        --dataset_config vqav2 [--skip_bad_rows] [--num_proc 8]          # a Cauldron / FineVision subset
 
 The built-in task (`examples/digits.py`): scikit-learn's real 8x8 digits, upscaled and pasted at a random place
 on a canvas of random size and aspect ratio; the model is asked "Which digit is shown and where?" and answers
