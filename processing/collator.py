@@ -104,8 +104,10 @@ class NanoVLMCollator:
                 break
             except ImageInputError as error:
                 bad, named = _name_the_row(error, images, [name for name, _, _, _ in prepared])
-                if bad is None or not self.skip_bad_rows:
-                    raise (named if bad is None else ImageInputError(f"{named} ({SKIP_HINT})", named.image_index)) from error
+                if bad is None:  # not one row's image: nothing to skip
+                    raise
+                if not self.skip_bad_rows:
+                    raise ImageInputError(f"{named} ({SKIP_HINT})", image_index=named.image_index) from error
                 self._skip(str(named))
                 del prepared[bad]  # and collate the others again: bad images are rare
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)

@@ -281,9 +281,18 @@ def _is_arrow_dataset(dataset) -> bool:
 # --- adding the columns once, cached by datasets -----------------------------------------------------------------
 
 
-def _sizes_of_batch(images, indices, skip_bad_images):
-    return {IMAGE_SIZES_COLUMN: [header_sizes(row, f"dataset row {index}", skip_bad_images)
-                                 for row, index in zip(images.to_pylist(), indices)]}
+def _sizes_of_batch(images, row_names, skip_bad_images):
+    """`row_names`: the batch's `__index__` values (an Arrow array) or positions (from `with_indices`)."""
+    row_names = row_names.to_pylist() if hasattr(row_names, "to_pylist") else row_names
+    return {IMAGE_SIZES_COLUMN: [header_sizes(row, f"dataset row {name}", skip_bad_images)
+                                 for row, name in zip(images.to_pylist(), row_names)]}
+
+
+def _row_names(dataset) -> dict:
+    """map() arguments that hand the function each row's name: its `__index__` column, else its position."""
+    if "__index__" in dataset.column_names:
+        return {"input_columns": ["__index__"]}
+    return {"with_indices": True}
 
 
 def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | None = None,
@@ -293,8 +302,9 @@ def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | No
     One `datasets.Dataset.map(num_proc=...)` over the image column in Arrow form (no image is decoded; JPEG, PNG,
     WebP headers are read), writing only the new column; `map`'s fingerprint caches it, so on a dataset loaded from
     files the second call reads the cache. The sampler (`BucketBatchSampler.from_dataset`, `NanoVLMTrainer`) then
-    reads sizes from this column instead of opening every image. An unreadable image is an error naming its
-    dataset row, or with `skip_bad_images` a None size (see `header_sizes`).
+    reads sizes from this column instead of opening every image. An unreadable image is an error naming its row
+    (its `__index__` when the dataset has that column, else its position), or with `skip_bad_images` a None size
+    (see `header_sizes`).
     """
     import datasets
 
@@ -306,39 +316,38 @@ def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | No
         raise ValueError(f"no 'images' or 'image' column among {names}; pass image_column=")
     if IMAGE_SIZES_COLUMN in names:
         dataset = dataset.remove_columns([IMAGE_SIZES_COLUMN])
-    # After select / shuffle / train_test_split, rows are an indices mapping over the stored table. Joining a new
-    # column to that would rewrite every image (flatten_indices), so the sizes are computed for the stored table
-    # and the same mapping is applied to the joined result.
-    indices = dataset._indices.column("indices") if dataset._indices is not None else None
-    if indices is not None:
-        dataset = datasets.Dataset(dataset.data, info=dataset.info.copy(), split=dataset.split,
-                                   fingerprint=f"{dataset._fingerprint}-stored")
-    sizes = dataset.select_columns([image_column]).with_format("arrow").map(
+    naming = _row_names(dataset)
+    read = [image_column] + naming.get("input_columns", [])
+    sizes = dataset.select_columns(read).with_format("arrow").map(
         _sizes_of_batch,
         batched=True,
         batch_size=batch_size,
-        with_indices=True,
-        input_columns=[image_column],
-        remove_columns=[image_column],
+        with_indices="input_columns" not in naming,
+        input_columns=read,
+        remove_columns=read,
         fn_kwargs={"skip_bad_images": skip_bad_images},
         features=datasets.Features({IMAGE_SIZES_COLUMN: datasets.List(datasets.List(datasets.Value("int32")))}),
         num_proc=num_proc,
         desc="Reading image sizes from headers",
     )
-    joined = datasets.concatenate_datasets([dataset, sizes.with_format(None)], axis=1)
-    return joined if indices is None else joined.select(indices)
+    return _join_columns(dataset, sizes.with_format(None))
 
 
-def _text_lengths_of_batch(batch, text_length):
+def _text_lengths_of_batch(batch, positions=None, text_length=None):
     keys = list(batch)
     count = len(batch[keys[0]]) if keys else 0
-    return {TEXT_LENGTH_COLUMN: [int(text_length({key: batch[key][i] for key in keys})) for i in range(count)]}
+    rows = [{key: batch[key][i] for key in keys} for i in range(count)]
+    if positions is not None:  # so that errors name the row
+        for row, position in zip(rows, positions):
+            row.setdefault("__index__", position)
+    return {TEXT_LENGTH_COLUMN: [int(text_length(row)) for row in rows]}
 
 
 def add_text_lengths(dataset, text_length: Callable[[dict], int], num_proc: int | None = None,
                      image_column: str | None = None, batch_size: int = 1000):
     """`dataset` with a `text_length` column: `text_length(row)` (e.g. `NanoVLMCollator(processor).text_length`)
-    of every row, computed on the rows without their image column (nothing is decoded), cached by `map`."""
+    of every row, computed on the rows without their image column (nothing is decoded), cached by `map`. Rows
+    without an `__index__` get their position there, so the collator's errors name the row."""
     import datasets
 
     names = dataset.column_names
@@ -350,13 +359,38 @@ def add_text_lengths(dataset, text_length: Callable[[dict], int], num_proc: int 
         _text_lengths_of_batch,
         batched=True,
         batch_size=batch_size,
+        with_indices="__index__" not in text_columns,
         remove_columns=text_columns,
         fn_kwargs={"text_length": text_length},
         features=datasets.Features({TEXT_LENGTH_COLUMN: datasets.Value("int32")}),
         num_proc=num_proc,
         desc="Counting text tokens",
     )
-    return datasets.concatenate_datasets([dataset, lengths], axis=1)
+    return _join_columns(dataset, lengths)
+
+
+def _join_columns(dataset, new):
+    """`dataset` with the columns of `new` (the same rows, in the same order) added, without copying `dataset`.
+
+    After select / shuffle / train_test_split, a dataset's rows are an indices mapping over its stored table, and
+    joining columns to it would rewrite every row, images included (`flatten_indices`). The new columns are
+    scattered into stored order instead (stored rows outside the mapping get nulls) and the mapping is kept.
+    """
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    if dataset._indices is None:
+        return datasets.concatenate_datasets([dataset, new], axis=1)
+    indices = dataset._indices.column("indices").to_numpy()
+    position = np.full(len(dataset.data), -1, dtype=np.int64)
+    position[indices] = np.arange(len(indices))
+    scattered = new.data.table.take(pa.array(position, mask=position < 0))
+    stored = datasets.Dataset(dataset.data, info=dataset.info.copy(), split=dataset.split,
+                              fingerprint=f"{dataset._fingerprint}-stored")
+    extra = datasets.Dataset(datasets.table.InMemoryTable(scattered), info=new.info.copy(),
+                             fingerprint=f"{new._fingerprint}-scattered")
+    return datasets.concatenate_datasets([stored, extra], axis=1).select(indices)
 
 
 __all__ = ["add_image_sizes", "add_text_lengths", "keep_images_encoded", "image_source", "dataset_image_sizes", "dataset_text_lengths",

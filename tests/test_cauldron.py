@@ -236,7 +236,36 @@ def test_add_image_sizes_names_a_broken_row_or_records_none(tmp_path):
         features=datasets.Features({"image": datasets.Image()}))
     with pytest.raises(ValueError, match="dataset row 1, image 0 of the row: cannot read image header"):
         add_image_sizes(dataset)
-    assert add_image_sizes(dataset, skip_bad_images=True)["image_sizes"] == [[[30, 40]], [None]]
+    skipped = add_image_sizes(dataset, skip_bad_images=True)
+    assert skipped["image_sizes"] == [[[30, 40]], [None]]
+    ip = NanoVLMImageProcessor(max_image_tokens=16, max_image_size=128)
+    sampler = BucketBatchSampler.from_dataset(skipped, ip, lambda row: 5, batch_size=2)
+    assert sampler.lengths == [5 + ip.num_image_tokens(30, 40), 5]  # the unreadable image counts no tokens
+
+
+def test_text_length_errors_name_the_dataset_row(processor):
+    dataset = datasets.Dataset.from_dict({"texts": [[{"user": "?", "assistant": "A cat."}]] * 2
+                                          + [[{"user": "?", "assistant": ""}]]})
+    with pytest.raises(ValueError, match="dataset row 2: turn 0 of 'texts' has an empty answer"):
+        add_text_lengths(dataset, NanoVLMCollator(processor).text_length)
+    lengths = add_text_lengths(dataset, NanoVLMCollator(processor, skip_bad_rows=True).text_length)["text_length"]
+    assert lengths[0] == lengths[1] > 0 and lengths[2] == 0
+
+
+def test_columns_join_a_selection_without_copying_its_images(photo_folder, processor):
+    folder, truth = photo_folder
+    dataset = datasets.load_from_disk(str(folder))
+    (original,) = [f["filename"] for f in dataset.cache_files]
+    picked = dataset.shuffle(seed=3).select(range(5))
+    order = picked._indices.column("indices").to_pylist()
+    collator = NanoVLMCollator(processor)
+    joined = add_text_lengths(add_image_sizes(picked), collator.text_length)
+    assert joined["image_sizes"] == [truth[i] for i in order] and len(joined) == 5
+    assert joined["text_length"] == [collator.text_length({"texts": dataset[i]["texts"]}) for i in order]
+    assert [joined[k]["texts"] for k in range(5)] == [dataset[i]["texts"] for i in order]
+    images_bytes = Path(original).stat().st_size
+    for cache in {f["filename"] for f in joined.cache_files} - {original}:  # only the small new columns were written
+        assert Path(cache).stat().st_size < images_bytes / 10, cache
 
 
 def test_sampler_sizes_from_columns_equal_sizes_from_headers(photo_folder, processor):
