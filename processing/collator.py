@@ -70,6 +70,7 @@ class NanoVLMCollator:
         self.skip_bad_rows = skip_bad_rows
         self.skipped_rows = 0
         self.skipped_examples: list[str] = []  # the first few reasons, for the end-of-run report
+        self._last_skip = None
         self.image_token_id = processor.image_token_id
         # The token that closes a turn: ChatML's <|im_end|> (the default template) even where the tokenizer's eos is
         # another token, as in base (non-instruct) SmolLM2 checkpoints.
@@ -86,8 +87,8 @@ class NanoVLMCollator:
         while True:
             if not prepared:
                 raise BadRowError(
-                    f"all {len(rows)} rows of this batch are bad and were skipped "
-                    f"({self.skipped_rows} skipped so far; latest: {self.skipped_examples[-1:]})"
+                    f"all {len(rows)} rows of this batch are bad, so there is nothing to train on "
+                    f"({self.skipped_rows} rows skipped so far; the last because {self._last_skip})"
                 )
             images = [row_images for _, _, row_images, _ in prepared]
             try:
@@ -136,6 +137,7 @@ class NanoVLMCollator:
 
     def _skip(self, reason: str):
         self.skipped_rows += 1
+        self._last_skip = reason
         if len(self.skipped_examples) < 20:
             self.skipped_examples.append(reason)
         if self.skipped_rows <= 10 or self.skipped_rows & (self.skipped_rows - 1) == 0:  # then at powers of two
@@ -184,10 +186,14 @@ class NanoVLMCollator:
         messages = []
         for number, turn in enumerate(turns):
             if not isinstance(turn, dict) or not isinstance(turn.get("user"), str):
-                raise BadRowError(f"{name}: turn {number} of 'texts' must be a dict with a 'user' string, got {turn!r:.200}")
+                raise BadRowError(
+                    f"{name}: turn {number} of 'texts' must be a dict with a 'user' string, got {turn!r:.200}"
+                )
             answer = turn.get("assistant")
             if not isinstance(answer, str) or not answer.strip():
-                raise BadRowError(f"{name}: turn {number} of 'texts' has an empty answer ('assistant': {answer!r:.50})")
+                raise BadRowError(
+                    f"{name}: turn {number} of 'texts' has an empty answer ('assistant': {answer!r:.50})"
+                )
             messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": answer}]
         if num_images and not any(IMAGE_TOKEN in message["content"] for message in messages):
             messages[0] = {"role": "user", "content": IMAGE_TOKEN * num_images + messages[0]["content"]}
@@ -248,8 +254,9 @@ class NanoVLMCollator:
             before = self._template(messages[:turn], add_generation_prompt=True)
             through = self._template(messages[: turn + 1], add_generation_prompt=False)
             if not (through.startswith(before) and text.startswith(through)):
+                where = name if isinstance(name, str) else f"row {name}"
                 raise ValueError(
-                    f"{name if isinstance(name, str) else f'row {name}'}: the chat template does not render turns as a plain concatenation, "
+                    f"{where}: the chat template does not render turns as a plain concatenation, "
                     "so the assistant answer cannot be located"
                 )
             end = through.rfind(self.end_of_turn, len(before))
@@ -318,7 +325,9 @@ def _name_the_row(error: ImageInputError, images: list[list], names: list[str]) 
     position = error.image_index
     for row, row_images in enumerate(images):
         if position < len(row_images):
-            return row, ImageInputError(f"{names[row]}, image {position} of the row: {cause}", image_index=error.image_index)
+            message = f"{names[row]}, image {position} of the row: {cause}"
+            named = ImageInputError(message, image_index=error.image_index)
+            return row, named
         position -= len(row_images)
     return None, error
 

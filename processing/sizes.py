@@ -148,7 +148,8 @@ def _sizes_from_columns(dataset, names: list[str], image_column: str | None) -> 
     sizes = []
     for row, (height, width) in enumerate(zip(columns["height"], columns["width"])):
         if isinstance(height, (list, tuple)) or isinstance(width, (list, tuple)):
-            if not (isinstance(height, (list, tuple)) and isinstance(width, (list, tuple)) and len(height) == len(width)):
+            both_lists = isinstance(height, (list, tuple)) and isinstance(width, (list, tuple))
+            if not both_lists or len(height) != len(width):
                 raise ValueError(f"dataset row {row}: 'height' and 'width' must both be numbers or equal-length lists")
             sizes.append(_row_sizes(list(zip(height, width)), row))
         else:
@@ -181,7 +182,8 @@ def _sizes_from_arrow(table, wanted: list[str]) -> list | None:
 
     if wanted == ["height", "width"]:
         height, width = (table.column(name).combine_chunks() for name in wanted)
-        if height.null_count or width.null_count or not (pa.types.is_integer(height.type) and pa.types.is_integer(width.type)):
+        integers = pa.types.is_integer(height.type) and pa.types.is_integer(width.type)
+        if height.null_count or width.null_count or not integers:
             return None
         pairs = np.stack([height.to_numpy(), width.to_numpy()], axis=1).astype(np.int64)
         per_row = np.ones(len(pairs), dtype=np.int64)
@@ -257,15 +259,15 @@ def dataset_text_lengths(dataset, text_length: Callable[[dict], int] | str, imag
         drop = [name for name in IMAGE_COLUMNS + (image_column,) if name in names]
         lengths = []
         for batch in dataset.remove_columns(sorted(set(drop))).iter(batch_size=1000):
-            keys = list(batch)
-            count = len(batch[keys[0]]) if keys else 0
-            lengths += [int(text_length({key: batch[key][i] for key in keys})) for i in range(count)]
+            positions = range(len(lengths), len(lengths) + len(next(iter(batch.values()), [])))
+            lengths += _text_lengths_of_batch(batch, positions, text_length)[TEXT_LENGTH_COLUMN]
         return lengths
     lengths = []
     for index in range(len(dataset)):
         row = dict(dataset[index])
         for name in IMAGE_COLUMNS + (image_column,):
             row.pop(name, None)
+        row.setdefault("__index__", index)  # so that errors name the row
         lengths.append(int(text_length(row)))
     return lengths
 
@@ -286,13 +288,6 @@ def _sizes_of_batch(images, row_names, skip_bad_images):
     row_names = row_names.to_pylist() if hasattr(row_names, "to_pylist") else row_names
     return {IMAGE_SIZES_COLUMN: [header_sizes(row, f"dataset row {name}", skip_bad_images)
                                  for row, name in zip(images.to_pylist(), row_names)]}
-
-
-def _row_names(dataset) -> dict:
-    """map() arguments that hand the function each row's name: its `__index__` column, else its position."""
-    if "__index__" in dataset.column_names:
-        return {"input_columns": ["__index__"]}
-    return {"with_indices": True}
 
 
 def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | None = None,
@@ -316,13 +311,13 @@ def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | No
         raise ValueError(f"no 'images' or 'image' column among {names}; pass image_column=")
     if IMAGE_SIZES_COLUMN in names:
         dataset = dataset.remove_columns([IMAGE_SIZES_COLUMN])
-    naming = _row_names(dataset)
-    read = [image_column] + naming.get("input_columns", [])
+    has_index = "__index__" in names  # errors name a row by its __index__, else by its position
+    read = [image_column, "__index__"] if has_index else [image_column]
     sizes = dataset.select_columns(read).with_format("arrow").map(
         _sizes_of_batch,
         batched=True,
         batch_size=batch_size,
-        with_indices="input_columns" not in naming,
+        with_indices=not has_index,
         input_columns=read,
         remove_columns=read,
         fn_kwargs={"skip_bad_images": skip_bad_images},
@@ -393,5 +388,6 @@ def _join_columns(dataset, new):
     return datasets.concatenate_datasets([stored, extra], axis=1).select(indices)
 
 
-__all__ = ["add_image_sizes", "add_text_lengths", "keep_images_encoded", "image_source", "dataset_image_sizes", "dataset_text_lengths",
+__all__ = ["add_image_sizes", "add_text_lengths", "keep_images_encoded", "image_source", "dataset_image_sizes",
+           "dataset_text_lengths",
            "IMAGE_SIZES_COLUMN", "TEXT_LENGTH_COLUMN"]

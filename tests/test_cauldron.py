@@ -84,7 +84,8 @@ def test_multi_turn_row_labels_every_answer_and_puts_the_image_before_the_first_
 
     batch = collator([row])
     spans = labelled_spans(batch["labels"][0])
-    assert [processor.decode(span) for span in spans] == ["An astronaut.<|im_end|>", "White, a cup of coffee.<|im_end|>"]
+    answers = [processor.decode(span) for span in spans]
+    assert answers == ["An astronaut.<|im_end|>", "White, a cup of coffee.<|im_end|>"]
     text = processor.decode(batch["input_ids"][0][batch["attention_mask"][0] == 1])
     first_user = text.index("<|im_start|>user\n") + len("<|im_start|>user\n")
     planned = processor.image_processor.num_image_tokens(64, 64)
@@ -111,7 +112,8 @@ def test_multi_image_rows_keep_every_image_in_order(collator, processor):
     for index in range(2):
         assert int((batch["input_ids"][index] == processor.image_token_id).sum()) == sum(tokens)
     assert batch["image_grid_hw"].shape[0] == 4
-    assert [processor.decode(s) for s in labelled_spans(batch["labels"][1])] == ["A cat.<|im_end|>", "A rocket.<|im_end|>"]
+    answers = [processor.decode(span) for span in labelled_spans(batch["labels"][1])]
+    assert answers == ["A cat.<|im_end|>", "A rocket.<|im_end|>"]
 
 
 def test_text_length_of_a_cauldron_row_is_what_the_batch_holds(collator, processor):
@@ -140,7 +142,8 @@ def good(index):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"texts": [{"user": "What is it?", "assistant": ""}]}, "dataset row 1234: turn 0 of 'texts' has an empty answer"),
+        ({"texts": [{"user": "What is it?", "assistant": ""}]},
+         "dataset row 1234: turn 0 of 'texts' has an empty answer"),
         ({"texts": [{"user": "Hi", "assistant": "A."}, {"user": "?", "assistant": "  "}]}, "dataset row 1234: turn 1"),
         ({"texts": []}, "dataset row 1234: 'texts' must be a non-empty list"),
         ({"texts": [{"assistant": "A."}]}, "dataset row 1234: turn 0 of 'texts' must be a dict with a 'user' string"),
@@ -248,6 +251,9 @@ def test_text_length_errors_name_the_dataset_row(processor):
                                           + [[{"user": "?", "assistant": ""}]]})
     with pytest.raises(ValueError, match="dataset row 2: turn 0 of 'texts' has an empty answer"):
         add_text_lengths(dataset, NanoVLMCollator(processor).text_length)
+    with pytest.raises(ValueError, match="dataset row 2: turn 0 of 'texts' has an empty answer"):
+        BucketBatchSampler.from_dataset(dataset.add_column("height", [9] * 3).add_column("width", [9] * 3),
+                                        NanoVLMImageProcessor(), NanoVLMCollator(processor).text_length, batch_size=2)
     lengths = add_text_lengths(dataset, NanoVLMCollator(processor, skip_bad_rows=True).text_length)["text_length"]
     assert lengths[0] == lengths[1] > 0 and lengths[2] == 0
 

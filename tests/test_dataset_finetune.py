@@ -5,8 +5,6 @@ tokenizer: `test_finetune.make_backbones`); the dataset is a local copy laid out
 subset) of real photos (scikit-image, scikit-learn), with multi-image and multi-turn rows and two bad rows.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -53,7 +51,8 @@ def cauldron_rows(count, seed, empty_answer=None, broken_image=None):
 def local_cauldron(tmp_path_factory):
     root = tmp_path_factory.mktemp("cauldron")
     make_backbones(root)
-    splits = {"train": cauldron_rows(14, 0, empty_answer=3, broken_image=5), "test": cauldron_rows(5, 1, empty_answer=1)}
+    splits = {"train": cauldron_rows(14, 0, empty_answer=3, broken_image=5),
+              "test": cauldron_rows(5, 1, empty_answer=1)}
     datasets.DatasetDict(splits).save_to_disk(str(root / "the_cauldron" / "photos"))
     return root
 
