@@ -221,8 +221,9 @@ def _sizes_from_arrow(table, wanted: list[str]) -> list | None:
 def _check_image_counts(dataset, image_column: str, size_columns: list[str]):
     """Every row has as many sizes as images: a stale size column would give the sampler wrong lengths.
 
-    Read from the Arrow list offsets of the whole underlying table (zero-copy, no image bytes are touched).
+    Read from the Arrow list offsets of the stored table (zero-copy, no image bytes are touched).
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -236,7 +237,8 @@ def _check_image_counts(dataset, image_column: str, size_columns: list[str]):
 
     have = counts(images).to_numpy()
     sizes = counts(table.column(size_columns[0])).to_numpy()
-    mismatch = (have != sizes).nonzero()[0]
+    rows = np.arange(len(have)) if dataset._indices is None else dataset._indices.column("indices").to_numpy()
+    mismatch = rows[have[rows] != sizes[rows]]  # the rows of the dataset (select / shuffle map them to stored rows)
     if len(mismatch):
         row = int(mismatch[0])
         raise ValueError(

@@ -267,6 +267,10 @@ def test_columns_join_a_selection_without_copying_its_images(photo_folder, proce
     collator = NanoVLMCollator(processor)
     joined = add_text_lengths(add_image_sizes(picked), collator.text_length)
     assert joined["image_sizes"] == [truth[i] for i in order] and len(joined) == 5
+    from_columns = BucketBatchSampler.from_dataset(joined, processor.image_processor, "text_length", batch_size=2)
+    from_headers = BucketBatchSampler.from_dataset(picked, processor.image_processor, collator.text_length,
+                                                   batch_size=2)
+    assert from_columns.lengths == from_headers.lengths
     assert joined["text_length"] == [collator.text_length({"texts": dataset[i]["texts"]}) for i in order]
     assert [joined[k]["texts"] for k in range(5)] == [dataset[i]["texts"] for i in order]
     images_bytes = Path(original).stat().st_size
@@ -287,6 +291,11 @@ def test_sampler_sizes_from_columns_equal_sizes_from_headers(photo_folder, proce
     for sampler in (from_headers, from_columns):
         assert sampler.lengths == expected.lengths and sampler.keys == expected.keys
         assert sampler.shapes == expected.shapes and sampler.batches(0) == expected.batches(0)
+
+    # a list of rows with an image_sizes key
+    rows = [{"image_sizes": sizes, "n": 5} for sizes in truth]
+    assert BucketBatchSampler.from_dataset(rows, ip, "n", batch_size=3).lengths == \
+        BucketBatchSampler(truth, [5] * 12, ip, batch_size=3).lengths
 
     # one image per row: height / width columns
     single = datasets.Dataset.from_dict({"height": [h for (h, w), *_ in truth], "width": [w for (h, w), *_ in truth],
