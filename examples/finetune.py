@@ -613,22 +613,24 @@ def run_dataset(args) -> dict:
         shuffle_factors=processor.image_processor.shuffle_factors,
     )
     set_generation_tokens(model, processor.tokenizer)
-    train, held_out = load_rows(args.dataset, args.dataset_split, args.eval_split, settings["eval_samples"], args.seed,
-                                config=args.dataset_config)
-    if args.train_samples:
-        train = train.select(range(min(args.train_samples, len(train))))
+    collator = NanoVLMCollator(processor, skip_bad_rows=args.skip_bad_rows)
+    training_args = training_arguments(args, output_dir, args.max_steps, settings["batch_size"],
+                                       settings["learning_rate"], 0.05)
+    # Under torchrun / accelerate, the main process prepares the data first and the others read its datasets cache.
+    with training_args.main_process_first(desc="dataset preparation"):
+        train, held_out = load_rows(args.dataset, args.dataset_split, args.eval_split, settings["eval_samples"],
+                                    args.seed, config=args.dataset_config)
+        if args.train_samples:
+            train = train.select(range(min(args.train_samples, len(train))))
+        # The sampler's inputs, read once with datasets.map (in parallel with --num_proc, cached next time): image
+        # sizes from file headers, text lengths from the chat template. Neither decodes an image.
+        if "image_sizes" not in train.column_names:
+            train = add_image_sizes(train, num_proc=args.num_proc, skip_bad_images=args.skip_bad_rows)
+        train = add_text_lengths(train, collator.text_length, num_proc=args.num_proc)
     subset = f" ({args.dataset_config})" if args.dataset_config else ""
     print(f"fine-tuning {args.vision_model} + {args.text_model} on {args.dataset}{subset}: {len(train)} training "
           f"rows, {len(held_out)} held out")
 
-    collator = NanoVLMCollator(processor, skip_bad_rows=args.skip_bad_rows)
-    # The sampler's inputs, read once with datasets.map (in parallel with --num_proc, cached next time): image sizes
-    # from file headers, text lengths from the chat template. Neither decodes an image.
-    if "image_sizes" not in train.column_names:
-        train = add_image_sizes(train, num_proc=args.num_proc, skip_bad_images=args.skip_bad_rows)
-    train = add_text_lengths(train, collator.text_length, num_proc=args.num_proc)
-    training_args = training_arguments(args, output_dir, args.max_steps, settings["batch_size"],
-                                       settings["learning_rate"], 0.05)
     sampler = BucketBatchSampler.from_dataset(
         train, processor.image_processor, text_length="text_length", batch_size=settings["batch_size"],
         num_replicas=training_args.world_size, seed=args.seed,
@@ -649,6 +651,10 @@ def run_dataset(args) -> dict:
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
+    # each process collated its own batches: the run's count is the sum
+    skipped_train = int(trainer.accelerator.reduce(torch.tensor([collator.skipped_rows]), reduction="sum").item())
+    if not trainer.is_world_process_zero():
+        return {}  # evaluating, saving and reloading happen once, on the main process
 
     items, skipped_eval = evaluation_rows(processor, collator, held_out)
     prompts, images, references = zip(*items)
@@ -667,10 +673,10 @@ def run_dataset(args) -> dict:
         "digit_accuracy": None,  # the built-in task's metrics; not defined for an arbitrary dataset
         "quadrant_accuracy": None,
         "train_seconds": round(train_seconds, 1),
-        "train_samples": int(trainer.state.global_step * settings["batch_size"]),
+        "train_samples": int(trainer.state.global_step * settings["batch_size"] * training_args.world_size),
         "eval_samples": len(references),
         "eval_seconds": round(eval_seconds, 1),
-        "skipped_train_rows": collator.skipped_rows,
+        "skipped_train_rows": skipped_train,
         "skipped_eval_rows": len(skipped_eval),
         "final_loss": last_loss(trainer.state.log_history),
         "seed": args.seed,
@@ -678,7 +684,7 @@ def run_dataset(args) -> dict:
     print(f"held-out exact match {metrics['exact_match']:.1%} on {len(references)} rows (greedy answers)")
     if args.skip_bad_rows:
         examples = (collator.skipped_examples + skipped_eval)[:3]
-        print(f"skipped bad rows: {collator.skipped_rows} in training, {len(skipped_eval)} held out"
+        print(f"skipped bad rows: {skipped_train} in training, {len(skipped_eval)} held out"
               + (f"; e.g. {examples}" if examples else ""))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", f"nanoVLM fine-tuned on {args.dataset}")
