@@ -554,11 +554,15 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         """Beams / several sequences per prompt: sample i's rows are repeated `expand_size` times, and so are its
         images. Pixels are flattened patches with per-image plans, so they are split per image, grouped per
         sample (by the sample's `<image>` token count) and each group repeated, in sample order."""
+        images = {}
         if expand_size != 1 and model_kwargs.get("pixel_values") is not None:
-            model_kwargs.update(self._expand_images(expand_size, input_ids, model_kwargs))
-        return super()._expand_inputs_for_generation(
+            images = self._expand_images(expand_size, input_ids, model_kwargs)
+            for name in images:  # the stock expansion would repeat them per row once more
+                model_kwargs.pop(name)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
+        return input_ids, {**model_kwargs, **images}
 
     def _expand_images(self, expand_size: int, input_ids, model_kwargs: dict) -> dict:
         token_hw = model_kwargs["image_token_hw"]

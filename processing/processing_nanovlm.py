@@ -129,9 +129,10 @@ class NanoVLMProcessor(ProcessorMixin):
         known = {name for group in ("text_kwargs", "images_kwargs") for name in typed[group].__annotations__}
         unknown = sorted(set(kwargs) - known - set(typed) - {"text", "images"})
         if unknown:
+            plan_fields = [name for name in NanoVLMImagesKwargs.__annotations__ if name not in ImagesKwargs.__annotations__]
             raise TypeError(
                 f"unknown plan setting(s) {unknown}: neither a tokenizer argument nor one of the image plan's "
-                f"fields {list(NanoVLMImagesKwargs.__annotations__)}"
+                f"fields {plan_fields}"
             )
         # The tokenizer's saved padding side is "right"; the processor's left default (for generation) wins
         # unless the call asks otherwise.
