@@ -360,3 +360,34 @@ def test_nan_or_infinite_pixels_are_clear_errors(processor):
         for image in (array, torch.from_numpy(array)):
             with pytest.raises(ImageInputError, match="NaN|infinite"):
                 processor(text=["<image>"], images=[image])
+
+
+# --- the README section runs as written ---------------------------------------------------------------
+
+
+def readme_snippets(title: str) -> list[str]:
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split(f"\n{title}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1] for block in section.split("```")[1::2] if block.startswith("python")]
+
+
+def test_readme_client_snippets_run_as_written(tmp_path, monkeypatch, processor, make_tiny_model):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    snippets = readme_snippets("## Use with TRL / PEFT / lmms-eval")
+    assert len(snippets) == 3
+    saved = tmp_path / "my-nanovlm"
+    make_tiny_model().save_pretrained(saved, processor=processor)
+    monkeypatch.chdir(tmp_path)  # the snippets write out-sft/, out-lora/
+    namespace = {
+        "model": make_tiny_model(),
+        "processor": processor,
+        "dataset": datasets.Dataset.from_dict(chat_rows(4)),
+        "image": noise(96, 128, 5),
+    }
+    for snippet in snippets:
+        exec(compile(snippet.replace('"me/my-nanovlm"', repr(str(saved))), "README.md", "exec"), namespace)
+    assert (tmp_path / "out-lora" / "adapter" / "adapter_config.json").is_file()
+    assert isinstance(namespace["merged"], NanoVLMForConditionalGeneration)
+    assert namespace["ids"].shape[0] == 1 and namespace["ids"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
