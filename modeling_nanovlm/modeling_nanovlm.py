@@ -543,8 +543,11 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        # `inputs_embeds` is named so that generate accepts it (image positions are then found from the embeddings)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and model_inputs.get("cache") is not None:
             for name in PLAN_INPUTS:  # pixels are only needed at prefill; transformers drops pixel_values itself
                 model_inputs.pop(name, None)

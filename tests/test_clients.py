@@ -307,6 +307,11 @@ def test_inputs_embeds_with_pixel_values_finds_the_image_positions(processor, ti
     assert torch.equal(from_embeds, reference)
     with pytest.raises(ValueError, match="image tokens but the images give"):
         tiny_model(inputs_embeds=embeds[:1], **batch)  # one sample's image positions, two images' features
+    with torch.no_grad():  # generate from embeddings too, beams included (it returns the new tokens only)
+        for settings in (dict(num_beams=1), dict(num_beams=2)):
+            from_ids = tiny_model.generate(input_ids=input_ids, **batch, max_new_tokens=3, do_sample=False, **settings)
+            generated = tiny_model.generate(inputs_embeds=embeds, **batch, max_new_tokens=3, do_sample=False, **settings)
+            assert torch.equal(generated, from_ids[:, input_ids.shape[1] :]), settings
 
 
 def test_old_checkpoint_layout_loads_and_is_what_save_writes(tmp_path, processor, make_tiny_model):
