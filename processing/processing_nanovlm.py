@@ -127,9 +127,9 @@ class NanoVLMProcessor(ProcessorMixin):
         would only warn, and a misspelt budget would silently fall back to the default)."""
         typed = NanoVLMProcessorKwargs.__annotations__
         known = {name for group in ("text_kwargs", "images_kwargs") for name in typed[group].__annotations__}
-        unknown = sorted(set(kwargs) - known - set(typed) - {"text", "images"})
+        unknown = sorted(set(kwargs) - known - set(typed))
         if unknown:
-            plan_fields = [name for name in NanoVLMImagesKwargs.__annotations__ if name not in ImagesKwargs.__annotations__]
+            plan_fields = sorted(NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys())
             raise TypeError(
                 f"unknown plan setting(s) {unknown}: neither a tokenizer argument nor one of the image plan's "
                 f"fields {plan_fields}"
@@ -240,4 +240,11 @@ def _sample_of_image(image_index: int | None, grouped: list[list]) -> int | None
     return None
 
 
-__all__ = ["NanoVLMProcessor", "NanoVLMProcessorKwargs", "NanoVLMImagesKwargs", "ImageTextMismatchError", "CHAT_TEMPLATE", "IMAGE_TOKEN"]
+__all__ = [
+    "NanoVLMProcessor",
+    "NanoVLMProcessorKwargs",
+    "NanoVLMImagesKwargs",
+    "ImageTextMismatchError",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+]

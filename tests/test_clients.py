@@ -76,6 +76,29 @@ def test_trl_sft_trainer_trains_with_our_processor(tmp_path, processor, make_tin
     assert any(name.startswith("model.language_model.") for name in changed)
 
 
+def test_trl_sft_trainer_with_our_collator(tmp_path, processor, make_tiny_model):
+    """With `data_collator=NanoVLMCollator(processor)`, labels hold the answers only, so TRL's loss normaliser
+    (`num_items_in_batch`, the count of labels that are not -100) counts answer tokens only."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from processing import NanoVLMCollator
+
+    trainer = trl.SFTTrainer(
+        model=make_tiny_model(),
+        processing_class=processor,
+        train_dataset=datasets.Dataset.from_dict(chat_rows(4)),
+        data_collator=NanoVLMCollator(processor),
+        args=trl.SFTConfig(
+            output_dir=str(tmp_path), max_length=None, max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        ),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert not (batch["labels"] == processor.image_token_id).any() and (batch["labels"] != -100).any()
+    trainer.train()
+    assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
 def test_labels_at_image_positions_do_not_change_the_loss(processor, tiny_model):
     """...and the model ignores them: the loss is the same with and without labels on image positions."""
     batch = processor(
@@ -227,7 +250,8 @@ def test_lmms_eval_adapter_and_pipeline_in_a_fresh_process(tmp_path, processor, 
     with torch.no_grad():
         local = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert report["ids"] == local.tolist()
-    assert report["answers"] == processor.batch_decode(local[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    new_tokens = local[:, inputs["input_ids"].shape[1] :]
+    assert report["answers"] == processor.batch_decode(new_tokens, skip_special_tokens=True)
     assert report["pipeline"] == report["answers"][0]
 
 
@@ -309,8 +333,9 @@ def test_inputs_embeds_with_pixel_values_finds_the_image_positions(processor, ti
         tiny_model(inputs_embeds=embeds[:1], **batch)  # one sample's image positions, two images' features
     with torch.no_grad():  # generate from embeddings too, beams included (it returns the new tokens only)
         for settings in (dict(num_beams=1), dict(num_beams=2)):
-            from_ids = tiny_model.generate(input_ids=input_ids, **batch, max_new_tokens=3, do_sample=False, **settings)
-            generated = tiny_model.generate(inputs_embeds=embeds, **batch, max_new_tokens=3, do_sample=False, **settings)
+            settings.update(max_new_tokens=3, do_sample=False)
+            from_ids = tiny_model.generate(input_ids=input_ids, **batch, **settings)
+            generated = tiny_model.generate(inputs_embeds=embeds, **batch, **settings)
             assert torch.equal(generated, from_ids[:, input_ids.shape[1] :]), settings
 
 
@@ -355,7 +380,8 @@ def test_processor_routes_tokenizer_and_plan_arguments(processor):
     with pytest.raises(TypeError, match="unknown plan setting"):
         processor(text="<image>", images=[image], max_image_token=16)
     sizes = processor._get_num_multimodal_tokens(image_sizes=[(256, 256), (64, 96)], max_image_tokens=16)
-    assert sizes.num_image_tokens == [processor.num_image_tokens(h, w, max_image_tokens=16) for h, w in [(256, 256), (64, 96)]]
+    assert sizes.num_image_tokens == [processor.num_image_tokens(256, 256, max_image_tokens=16),
+                                      processor.num_image_tokens(64, 96, max_image_tokens=16)]
 
 
 def test_nan_or_infinite_pixels_are_clear_errors(processor):
