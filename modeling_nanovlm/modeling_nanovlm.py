@@ -315,12 +315,12 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         )
         return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
-    def merge_image_features(self, image_mask, inputs_embeds, image_features):
-        """Place image features at the `<image>` positions; the counts must agree exactly."""
+    def merge_image_features(self, image_mask, inputs_embeds, image_features, source: str = "input_ids"):
+        """Place image features at the `<image>` positions (found in `source`); the counts must agree exactly."""
         num_positions = int(image_mask.sum())
         if num_positions != image_features.shape[0]:
             raise ValueError(
-                f"the inputs hold {num_positions} image tokens but the images give {image_features.shape[0]} "
+                f"{source} hold {num_positions} image tokens but the images give {image_features.shape[0]} "
                 "image features; expand each <image> with the processor that planned the images "
                 "(same max_image_tokens) and do not truncate through image tokens"
             )
@@ -353,7 +353,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_grid_hw, image_token_hw, image_shuffle_factor)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            inputs_embeds = self.merge_image_features(image_mask, inputs_embeds, image_features)
+            source = "input_ids" if input_ids is not None else "inputs_embeds"
+            inputs_embeds = self.merge_image_features(image_mask, inputs_embeds, image_features, source)
         elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             num_image_tokens = int((input_ids == self.config.image_token_id).sum())
             if num_image_tokens:
