@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMTrainer, tiny_config
-from processing import ImageInputError, NanoVLMImageProcessor, NanoVLMProcessor
+from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMTrainer
+from processing import ImageInputError
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
