@@ -59,7 +59,7 @@ def model_flops(model, plans, rows: int, seq_len: int) -> dict:
     for p in plans:
         projection = model.connector.projections[str(p.shuffle_factor)]
         connector += 6 * _matmul_weights(projection) * p.num_tokens
-    lm_weights = _matmul_weights(model.language_model.model) + model.language_model.lm_head.weight.numel()
+    lm_weights = _matmul_weights(model.language_model) + model.lm_head.weight.numel()
     lm = rows * (6 * lm_weights * seq_len + 12 * text.num_hidden_layers * seq_len**2 * text.hidden_size)
     return {"tower": tower, "connector": connector, "lm": lm, "total": tower + connector + lm}
 

@@ -216,11 +216,16 @@ def training_arguments(args, output_dir: Path, max_steps: int, batch_size: int, 
     )
 
 
+def _part(name: str) -> str:
+    """A parameter name as `vision_tower.*`, `connector.*` or `language_model.*` (the LM head counts as the LM's)."""
+    return "language_model." + name if name.startswith("lm_head.") else name.removeprefix("model.")
+
+
 def make_optimizer(model, learning_rates: dict[str, float], weight_decay: float = 0.0):
     """AdamW with one parameter group per part (vision tower, connector, language model) and its own rate."""
     groups = []
     for prefix, lr in learning_rates.items():
-        params = [p for name, p in model.named_parameters() if name.startswith(prefix) and p.requires_grad]
+        params = [p for name, p in model.named_parameters() if _part(name).startswith(prefix) and p.requires_grad]
         if params:
             groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
     return torch.optim.AdamW(groups, betas=(0.9, 0.98))

@@ -6,17 +6,18 @@ from .configuration_nanovlm import NanoVLMConfig, small_config, tiny_config
 from .modeling_nanovlm import (
     IMAGE_TOKEN,
     NanoVLMForConditionalGeneration,
+    NanoVLMModel,
     NanoVLMPreTrainedModel,
     pixel_shuffle,
     pixel_unshuffle,
 )
 
 AutoConfig.register(NanoVLMConfig.model_type, NanoVLMConfig, exist_ok=True)
-for _auto in (AutoModel, AutoModelForImageTextToText):
-    _auto.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
+AutoModel.register(NanoVLMConfig, NanoVLMModel, exist_ok=True)
+AutoModelForImageTextToText.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
 # Hub export: save_pretrained writes these modules next to the weights and an auto_map to them.
 NanoVLMConfig.register_for_auto_class()
-NanoVLMForConditionalGeneration.register_for_auto_class("AutoModel")
+NanoVLMModel.register_for_auto_class("AutoModel")
 NanoVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
@@ -31,6 +32,7 @@ def __getattr__(name):  # the trainer pulls in the Trainer stack; import it only
 __all__ = [
     "NanoVLMConfig",
     "NanoVLMForConditionalGeneration",
+    "NanoVLMModel",
     "NanoVLMPreTrainedModel",
     "NanoVLMTrainer",
     "pixel_shuffle",

@@ -19,8 +19,11 @@ from torch import nn
 from huggingface_hub import HfApi
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTRopePositionEmbedding,
     augment_patches_center_coordinates,
@@ -185,6 +188,22 @@ class NanoVLMConnector(nn.Module):
         return self.projections[str(factor)](tokens)
 
 
+# Checkpoints keep the layout nanoVLM was first saved in (`language_model.model.*` = LlamaModel,
+# `language_model.lm_head.*`, `vision_tower.*`, `connector.*` at the root); loading renames them to the
+# LLaVA-style modules below and `save_pretrained` writes them back, as transformers does for LLaVA. Registered
+# on import, so remote code (where `is_custom_code()` hides the built-in mappings) gets it too.
+register_checkpoint_conversion_mapping(
+    NanoVLMConfig.model_type,
+    [
+        WeightRenaming(source_patterns=r"^language_model\.lm_head\.", target_patterns="lm_head."),
+        WeightRenaming(source_patterns=r"^language_model\.model\.", target_patterns="model.language_model."),
+        WeightRenaming(source_patterns=r"^vision_tower\.", target_patterns="model.vision_tower."),
+        WeightRenaming(source_patterns=r"^connector\.", target_patterns="model.connector."),
+    ],
+    overwrite=True,
+)
+
+
 class NanoVLMPreTrainedModel(PreTrainedModel):
     config: NanoVLMConfig
     config_class = NanoVLMConfig
@@ -198,8 +217,19 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer", "Idefics2PerceiverLayer"]
     _skip_keys_device_placement = "cache"
 
+    def _set_no_split_modules(self, config: NanoVLMConfig):
+        # FSDP wraps these; the Perceiver's layers exist only with that connector.
+        self._no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer"] + (
+            ["Idefics2PerceiverLayer"] if config.connector == "perceiver" else []
+        )
 
-class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
+
+class NanoVLMModel(NanoVLMPreTrainedModel):
+    """The headless model: vision tower -> connector -> base decoder (no LM head); returns hidden states.
+
+    `AutoModel` gives this class, as it gives `LlavaModel` for LLaVA.
+    """
+
     def __init__(self, config: NanoVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -207,94 +237,16 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
             config.vision_config, augment=config.vision_rope_augmentation
         )
         self.connector = NanoVLMConnector(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.num_prefix_tokens = 1 + config.vision_config.num_register_tokens  # CLS + registers, dropped
-        # FSDP wraps these; the Perceiver's layers exist only with that connector.
-        self._no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer"] + (
-            ["Idefics2PerceiverLayer"] if config.connector == "perceiver" else []
-        )
+        self._set_no_split_modules(config)
         self.post_init()
-
-    # --- construction from pretrained parts -------------------------------------------------------
-
-    @classmethod
-    def from_backbones(cls, vision_model: str, text_model: str, tokenizer=None, **config_kwargs):
-        """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
-
-        The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the embeddings
-        are resized to match; the connector starts from random weights.
-        """
-        vision = AutoModel.from_pretrained(vision_model)
-        language = AutoModelForCausalLM.from_pretrained(text_model)
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text_model)
-        if IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if len(tokenizer) > language.get_input_embeddings().num_embeddings:
-            language.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-        # Base LMs end on <|endoftext|>; a chat turn ends on <|im_end|>, so generation stops on either.
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-        eos = language.generation_config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if end_of_turn is not None and end_of_turn not in eos:
-            language.generation_config.eos_token_id = eos + [end_of_turn]
-        config = NanoVLMConfig(
-            vision_config=vision.config.to_dict(),
-            text_config=language.config.to_dict(),
-            image_token_id=image_token_id,
-            **config_kwargs,
-        )
-        model = cls(config)
-        model.vision_tower.load_state_dict(vision.state_dict())
-        model.language_model.load_state_dict(language.state_dict())
-        model.generation_config = language.generation_config
-        model.config.base_models = [vision_model, text_model]
-        return model
-
-    def save_pretrained(self, save_directory, *args, processor=None, metrics=None, **kwargs):
-        """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside."""
-        # transformers records one auto class per model class; the saved config maps AutoModel too.
-        if self._auto_class is not None:
-            target = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": target}
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if processor is not None:
-            processor.save_pretrained(save_directory)
-        self._write_model_card(save_directory, Path(save_directory).name, processor, metrics)
-        return result
-
-    def _write_model_card(self, folder, repo, processor, metrics):
-        image_processor = getattr(processor, "image_processor", None)
-        render_model_card(self.config, repo, image_processor, metrics).save(Path(folder) / "README.md")
-
-    def push_to_hub(
-        self, repo_id: str, *, processor=None, metrics=None, commit_message=None, private=None, token=None,
-        revision=None, create_pr=False, max_shard_size="50GB", **kwargs,
-    ):
-        """Upload weights, config, remote code, model card (and `processor`, if given) in one commit."""
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, processor=processor, metrics=metrics, max_shard_size=max_shard_size)
-            self._write_model_card(folder, repo_id, processor, metrics)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload nanoVLM model",
-                revision=revision,
-                create_pr=create_pr,
-            )
-
-    # --- embeddings -------------------------------------------------------------------------------
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` casts every float buffer, the LM's RoPE inverse frequencies included,
@@ -353,20 +305,193 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
                     features[indices[row]] = image_tokens
         return torch.cat(features)
 
-    def merge_image_features(self, input_ids, inputs_embeds, image_features):
-        """Place image features at the `<image>` positions; the counts must agree exactly."""
-        image_mask = input_ids == self.config.image_token_id
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """(batch, length) mask of the `<image>` positions: from `input_ids`, or, with embeddings only, the
+        positions whose embedding is exactly the `<image>` token's (as LLaVA finds them)."""
+        if input_ids is not None and input_ids.numel():
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+
+    def merge_image_features(self, image_mask, inputs_embeds, image_features, source: str = "input_ids"):
+        """Place image features at the `<image>` positions (found in `source`); the counts must agree exactly."""
         num_positions = int(image_mask.sum())
         if num_positions != image_features.shape[0]:
             raise ValueError(
-                f"input_ids hold {num_positions} image tokens but the images give {image_features.shape[0]} "
+                f"{source} hold {num_positions} image tokens but the images give {image_features.shape[0]} "
                 "image features; expand each <image> with the processor that planned the images "
                 "(same max_image_tokens) and do not truncate through image tokens"
             )
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        image_token_hw: torch.LongTensor | None = None,
+        image_shuffle_factor: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """The decoder's hidden states, with image features at the `<image>` positions.
+
+        With `inputs_embeds` (instead of `input_ids`) and `pixel_values`, the image positions are those whose
+        embedding is the `<image>` token's, so pass embeddings taken from `get_input_embeddings()`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_grid_hw, image_token_hw, image_shuffle_factor)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            source = "input_ids" if input_ids is not None else "inputs_embeds"
+            inputs_embeds = self.merge_image_features(image_mask, inputs_embeds, image_features, source)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_image_tokens:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
+    """`NanoVLMModel` + an LM head: logits, loss and `generate`. `AutoModelForImageTextToText` gives this class."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__(config)
+        self.model = NanoVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._set_no_split_modules(config)
+        self.post_init()
+
+    # The parts, by the names nanoVLM has always used (`language_model` is the base decoder, without head).
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def connector(self):
+        return self.model.connector
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    # --- construction from pretrained parts -------------------------------------------------------
+
+    @classmethod
+    def from_backbones(cls, vision_model: str, text_model: str, tokenizer=None, **config_kwargs):
+        """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
+
+        The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the embeddings
+        are resized to match; the connector starts from random weights.
+        """
+        vision = AutoModel.from_pretrained(vision_model)
+        language = AutoModelForCausalLM.from_pretrained(text_model)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text_model)
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if len(tokenizer) > language.get_input_embeddings().num_embeddings:
+            language.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        # Base LMs end on <|endoftext|>; a chat turn ends on <|im_end|>, so generation stops on either.
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        eos = language.generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if end_of_turn is not None and end_of_turn not in eos:
+            language.generation_config.eos_token_id = eos + [end_of_turn]
+        config = NanoVLMConfig(
+            vision_config=vision.config.to_dict(),
+            text_config=language.config.to_dict(),
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.vision_tower.load_state_dict(vision.state_dict())
+        model.language_model.load_state_dict(language.base_model.state_dict())
+        model.lm_head.load_state_dict(language.get_output_embeddings().state_dict())
+        model.generation_config = language.generation_config
+        model.config.base_models = [vision_model, text_model]
+        return model
+
+    def save_pretrained(self, save_directory, *args, processor=None, metrics=None, **kwargs):
+        """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside."""
+        # transformers records one auto class per model class; the saved config maps AutoModel to the headless
+        # model, whose module file is this one (so it is already copied next to the weights).
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.NanoVLMModel"
+            }
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+        self._write_model_card(save_directory, Path(save_directory).name, processor, metrics)
+        return result
+
+    def _write_model_card(self, folder, repo, processor, metrics):
+        image_processor = getattr(processor, "image_processor", None)
+        render_model_card(self.config, repo, image_processor, metrics).save(Path(folder) / "README.md")
+
+    def push_to_hub(
+        self, repo_id: str, *, processor=None, metrics=None, commit_message=None, private=None, token=None,
+        revision=None, create_pr=False, max_shard_size="50GB", **kwargs,
+    ):
+        """Upload weights, config, remote code, model card (and `processor`, if given) in one commit."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, processor=processor, metrics=metrics, max_shard_size=max_shard_size)
+            self._write_model_card(folder, repo_id, processor, metrics)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload nanoVLM model",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    # --- embeddings -------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
     # --- forward / generate -----------------------------------------------------------------------
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        image_token_hw: torch.Tensor,
+        image_shuffle_factor: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, image_grid_hw, image_token_hw, image_shuffle_factor)
 
     def forward(
         self,
@@ -384,47 +509,96 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
-                image_features = self.get_image_features(
-                    pixel_values, image_grid_hw, image_token_hw, image_shuffle_factor
-                )
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-            elif cache is None or cache.get_seq_length() == 0:
-                num_image_tokens = int((input_ids == self.config.image_token_id).sum())
-                if num_image_tokens:
-                    raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
+        """Logits (and, with `labels`, the causal LM loss). Labels at `<image>` positions never count: a generic
+        collator (TRL's, for one) copies `input_ids` into `labels`, image tokens included."""
+        if labels is not None:
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds)
+            labels = labels.masked_fill(image_mask.to(labels.device), -100)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_hw=image_grid_hw,
+            image_token_hw=image_token_hw,
+            image_shuffle_factor=image_shuffle_factor,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        # `inputs_embeds` is named so that generate accepts it (image positions are then found from the embeddings)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and model_inputs.get("cache") is not None:
             for name in PLAN_INPUTS:  # pixels are only needed at prefill; transformers drops pixel_values itself
                 model_inputs.pop(name, None)
         return model_inputs
 
-    def _expand_inputs_for_generation(self, expand_size=1, **kwargs):
-        if expand_size != 1:
-            raise NotImplementedError(
-                "nanoVLM generation supports one sequence per prompt (num_beams=1, num_return_sequences=1)"
-            )
-        return super()._expand_inputs_for_generation(expand_size=expand_size, **kwargs)
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams / several sequences per prompt: sample i's rows are repeated `expand_size` times, and so are its
+        images. Pixels are flattened patches with per-image plans, so they are split per image, grouped per
+        sample (by the sample's `<image>` token count) and each group repeated, in sample order."""
+        images = {}
+        if expand_size != 1 and model_kwargs.get("pixel_values") is not None:
+            images = self._expand_images(expand_size, input_ids, model_kwargs)
+            for name in images:  # the stock expansion would repeat them per row once more
+                model_kwargs.pop(name)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **images}
+
+    def _expand_images(self, expand_size: int, input_ids, model_kwargs: dict) -> dict:
+        token_hw = model_kwargs["image_token_hw"]
+        grid_hw = model_kwargs["image_grid_hw"]
+        tokens_per_image = (token_hw[:, 0] * token_hw[:, 1]).tolist()
+        image_mask = self.model.get_placeholder_mask(input_ids, model_kwargs.get("inputs_embeds"))
+        tokens_per_sample = image_mask.sum(-1).tolist()
+        images_per_sample, image = [], 0
+        for tokens in tokens_per_sample:
+            first = image
+            while tokens > 0 and image < len(tokens_per_image):
+                tokens -= tokens_per_image[image]
+                image += 1
+            if tokens != 0:
+                raise ValueError(
+                    "the <image> tokens of each sample do not add up to whole images of image_token_hw; "
+                    "expand the prompts with the processor that planned the images"
+                )
+            images_per_sample.append(range(first, image))
+        if image != len(tokens_per_image):
+            raise ValueError(f"{len(tokens_per_image)} images were given but the prompts hold tokens for {image}")
+        order = [index for images in images_per_sample for _ in range(expand_size) for index in images]
+        patches = model_kwargs["pixel_values"].split((grid_hw[:, 0] * grid_hw[:, 1]).tolist())
+        return {
+            "pixel_values": torch.cat([patches[index] for index in order]) if order else model_kwargs["pixel_values"],
+            **{name: model_kwargs[name][order] for name in PLAN_INPUTS},
+        }
 
 
 __all__ = [
     "NanoVLMForConditionalGeneration",
+    "NanoVLMModel",
     "NanoVLMPreTrainedModel",
     "NanoVLMConnector",
     "Float32VisionRope",

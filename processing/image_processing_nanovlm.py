@@ -185,6 +185,10 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ImageInputError(f"cannot read an array of shape {array.shape} as an image (HW, HWC or CHW)")
     if array.dtype != np.uint8:
         array = array.astype(np.float64)
+        if not np.isfinite(array).all():
+            raise ImageInputError(
+                f"image array holds {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} infinite values"
+            )
         if array.size and array.max() <= 1.0:
             array = array * 255.0
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)

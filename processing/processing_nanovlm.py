@@ -1,10 +1,9 @@
 """NanoVLMProcessor: the image processor's plan + a tokenizer, with `<image>` expanded to the planned tokens."""
 
-from __future__ import annotations
 
 from transformers import AutoTokenizer
-from transformers.processing_utils import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
 
@@ -29,15 +28,38 @@ class ImageTextMismatchError(ValueError):
     """The images and the `<image>` placeholders in the text do not line up."""
 
 
+class NanoVLMImagesKwargs(ImagesKwargs, total=False):
+    """The image plan's fields, overridable per call (`processor(..., max_image_tokens=256)`)."""
+
+    max_image_tokens: int | None
+    max_image_size: int | None
+    shuffle_factors: list[int] | tuple[int, ...] | None
+    connector: str | None
+    perceiver_latents: int | None
+    snap_sizes: list[int] | tuple[int, ...] | None
+    snap_aspect_ratios: list[float] | tuple[float, ...] | None
+
+
+class NanoVLMProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: NanoVLMImagesKwargs
+
+
 class NanoVLMProcessor(ProcessorMixin):
     r"""Image processor + tokenizer. Each `<image>` in the text becomes exactly as many `<image>` tokens as
     that image's plan gives (no wrapper tokens), so the model can place one feature per token.
 
-    `processor(text=..., images=..., max_image_tokens=N)` overrides the budget for one call; any other
-    plan field (`max_image_size`, ...) can be overridden the same way.
+    Keyword arguments follow transformers' typed processor kwargs (`NanoVLMProcessorKwargs`): tokenizer
+    arguments (`padding`, `pad_to_multiple_of`, `truncation`, `max_length`, `return_offsets_mapping`, ...)
+    reach the tokenizer, plan fields (`max_image_tokens`, `max_image_size`, `shuffle_factors`, ...) the image
+    processor, either flat (`processor(text=..., images=..., max_image_tokens=N)` overrides the budget for one
+    call) or grouped (`text_kwargs={...}`, `images_kwargs={...}`).
     """
 
     image_token = IMAGE_TOKEN
+    valid_processor_kwargs = NanoVLMProcessorKwargs
+    # Defaults, lowest priority in `_merge_kwargs`. Left padding suits generation; training collators ask
+    # for the right. The chat template writes every special token itself, so the tokenizer adds none.
+    text_kwargs = {"padding": True, "padding_side": "left", "truncation": False, "add_special_tokens": False}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         if chat_template is None:
@@ -64,9 +86,11 @@ class NanoVLMProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the image processor as this module's own class. Through AutoImageProcessor (the default) the
         auto_map written for Hub export counts as remote code, so a local `from_pretrained` would demand
-        `trust_remote_code`, and remote loading would pair the processor with a second copy of the module."""
-        kwargs.pop("trust_remote_code", None)
-        image_processor = NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        `trust_remote_code`, and remote loading would pair the processor with a second copy of the module.
+        The tokenizer keeps every argument, `trust_remote_code` included: its AutoConfig lookup reads our
+        config.json, whose auto_map would otherwise make it ask "Do you wish to run the custom code? [y/N]"."""
+        image_processor_kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
+        image_processor = NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs)
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
@@ -98,32 +122,48 @@ class NanoVLMProcessor(ProcessorMixin):
                 )
         return grouped
 
+    def _merged_kwargs(self, kwargs: dict) -> dict[str, dict]:
+        """`_merge_kwargs`, but a keyword that belongs to neither the tokenizer nor the plan is an error (transformers
+        would only warn, and a misspelt budget would silently fall back to the default)."""
+        typed = NanoVLMProcessorKwargs.__annotations__
+        known = {name for group in ("text_kwargs", "images_kwargs") for name in typed[group].__annotations__}
+        unknown = sorted(set(kwargs) - known - set(typed))
+        if unknown:
+            plan_fields = sorted(NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys())
+            raise TypeError(
+                f"unknown plan setting(s) {unknown}: neither a tokenizer argument nor one of the image plan's "
+                f"fields {plan_fields}"
+            )
+        # The tokenizer's saved padding side is "right"; the processor's left default (for generation) wins
+        # unless the call asks otherwise.
+        init_kwargs = {key: value for key, value in self.tokenizer.init_kwargs.items() if key != "padding_side"}
+        return self._merge_kwargs(NanoVLMProcessorKwargs, tokenizer_init_kwargs=init_kwargs, **kwargs)
+
     def __call__(
         self,
         text=None,
         images=None,
-        return_tensors=None,
-        padding=True,
-        padding_side="left",
-        truncation=False,
-        max_length=None,
-        add_special_tokens=False,
         videos=None,
         audio=None,
-        **plan_overrides,
+        audios=None,
+        **kwargs: Unpack[NanoVLMProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text` with each `<image>` expanded to its planned tokens, and process `images`.
 
         `text` is a string or a list of strings; `images` a flat list (in placeholder order) or one list
         per sample. Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call.
         Padding is on the left by default, as generation wants; training collators pad on the right.
+        `videos`, `audio` and `audios` exist so that generic clients may pass them as None.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("nanoVLM takes images and text only (no videos or audio)")
+        if videos is not None or audio is not None or audios is not None:
+            raise ValueError("nanoVLM takes images and text only: videos, audio and audios must be None")
+        merged = self._merged_kwargs(kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
         if text is None:
             if images is None:
                 raise ValueError("give text, images, or both")
-            return self.image_processor(images, return_tensors=return_tensors, **plan_overrides)
+            return self.image_processor(images, **images_kwargs)
         single = isinstance(text, str)
         text = [text] if single else list(text)
         if not all(isinstance(sample, str) for sample in text):
@@ -134,29 +174,35 @@ class NanoVLMProcessor(ProcessorMixin):
 
         flat = [image for group in grouped for image in group]
         image_inputs = {}
-        expanded = text
         if flat:
             try:
-                image_inputs = self.image_processor(flat, return_tensors=return_tensors, **plan_overrides)
+                image_inputs, replacements = self._process_images(flat, **images_kwargs)
             except ValueError as error:  # ImageInputError; remote code loads the image processor's own copy of it
                 if not hasattr(error, "image_index"):
                     raise
                 sample = _sample_of_image(error.image_index, grouped)
                 raise ImageInputError(f"sample {sample}, {error}", image_index=error.image_index) from error
-            token_counts = iter(int(h) * int(w) for h, w in image_inputs["image_token_hw"].tolist())
-            expanded = [_expand_placeholders(sample, token_counts) for sample in text]
+            text, _ = self.get_text_with_replacements(text, replacements)
 
-        encoding = self.tokenizer(
-            expanded,
-            padding=padding,
-            padding_side=padding_side,
-            truncation=truncation,
-            max_length=max_length,
-            add_special_tokens=add_special_tokens,
-            return_tensors=return_tensors,
-        )
-        self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in expanded])
+        encoding = self.tokenizer(text, **text_kwargs)
+        self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in text])
         return BatchFeature(data={**encoding, **image_inputs}, tensor_type=return_tensors)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text one `<image>` placeholder becomes: as many `<image>` tokens as the image's plan gives."""
+        token_height, token_width = (int(side) for side in image_inputs["image_token_hw"][image_idx])
+        return IMAGE_TOKEN * (token_height * token_width)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Image tokens (and patches) per (height, width) in `image_sizes`, under this call's plan settings."""
+        if image_sizes is None:
+            return MultiModalData()
+        images_kwargs = self._merge_kwargs(NanoVLMProcessorKwargs, **kwargs)["images_kwargs"]
+        images_kwargs.pop("return_tensors", None)
+        plans = [self.image_processor.plan(height, width, **images_kwargs) for height, width in image_sizes]
+        return MultiModalData(
+            num_image_tokens=[plan.num_tokens for plan in plans], num_image_patches=[plan.num_patches for plan in plans]
+        )
 
     def _check_image_tokens(self, input_ids, expected: list[int]):
         """Truncation must never cut through an image: every planned image token must survive."""
@@ -183,15 +229,6 @@ class NanoVLMProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", *self.image_processor.model_input_names]
 
 
-def _expand_placeholders(sample: str, token_counts) -> str:
-    pieces = sample.split(IMAGE_TOKEN)
-    out = [pieces[0]]
-    for piece in pieces[1:]:
-        out.append(IMAGE_TOKEN * next(token_counts))
-        out.append(piece)
-    return "".join(out)
-
-
 def _sample_of_image(image_index: int | None, grouped: list[list]) -> int | None:
     """Which sample the image at `image_index` (counted across the batch) belongs to."""
     if image_index is None:
@@ -203,4 +240,11 @@ def _sample_of_image(image_index: int | None, grouped: list[list]) -> int | None
     return None
 
 
-__all__ = ["NanoVLMProcessor", "ImageTextMismatchError", "CHAT_TEMPLATE", "IMAGE_TOKEN"]
+__all__ = [
+    "NanoVLMProcessor",
+    "NanoVLMProcessorKwargs",
+    "NanoVLMImagesKwargs",
+    "ImageTextMismatchError",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+]

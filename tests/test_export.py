@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, tiny_config
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 from transformers import (
@@ -66,6 +66,7 @@ def test_saved_folder_is_hub_ready(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_nanovlm.NanoVLMForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_nanovlm.NanoVLMConfig"
+    assert config["auto_map"]["AutoModel"] == "modeling_nanovlm.NanoVLMModel"
     processor_config = json.loads((saved / "processor_config.json").read_text())
     assert processor_config["image_processor"]["max_image_tokens"] == 48
 
@@ -79,12 +80,16 @@ def test_fresh_process_auto_classes_give_identical_logits(saved):
         reference = torch.load({str(saved.parent / "reference.pt")!r}, weights_only=False)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
         assert type(config).__name__ == "NanoVLMConfig", type(config)
-        for auto in (AutoModel, AutoModelForImageTextToText):
-            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
-            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-            with torch.no_grad():
-                logits = model(**reference["batch"]).logits
-            assert torch.equal(logits, reference["logits"]), (logits - reference["logits"]).abs().max()
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__name__ == "NanoVLMForConditionalGeneration" and type(base).__name__ == "NanoVLMModel"
+        for loaded in (model, base):
+            assert type(loaded).__module__.startswith("transformers_modules"), type(loaded).__module__
+        with torch.no_grad():
+            logits = model(**reference["batch"]).logits
+            headless = model.lm_head(base(**reference["batch"]).last_hidden_state)  # the head-less model's states
+        for found in (logits, headless):
+            assert torch.equal(found, reference["logits"]), (found - reference["logits"]).abs().max()
         print("identical")
         """,
         cwd=saved.parent,
@@ -116,8 +121,8 @@ def test_fresh_process_auto_processor_gives_identical_inputs(saved):
 def test_importing_the_package_registers_the_auto_classes(saved):
     config = AutoConfig.from_pretrained(saved)
     assert isinstance(config, NanoVLMConfig)
-    for auto in (AutoModel, AutoModelForImageTextToText):
-        assert isinstance(auto.from_pretrained(saved), NanoVLMForConditionalGeneration)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(saved), NanoVLMForConditionalGeneration)
+    assert isinstance(AutoModel.from_pretrained(saved), NanoVLMModel)
 
 
 def test_from_backbones_loads_both_pretrained_parts(tmp_path):

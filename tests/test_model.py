@@ -109,7 +109,8 @@ def test_text_only_input_matches_the_bare_language_model(processor):
     batch = processor(text=["Which digit is shown?", "where"], return_tensors="pt")
     with torch.no_grad():
         ours = model(**batch).logits
-        bare = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        bare = model.lm_head(hidden.last_hidden_state)
     assert torch.equal(ours, bare)
 
 
@@ -172,7 +173,7 @@ def first_layer_logits(model, pixels):
     normed = layer.norm1(hidden)
     heads = lambda t: t.view(1, -1, attention.num_heads, attention.head_dim).transpose(1, 2)  # noqa: E731
     q, k = apply_rotary_pos_emb(heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), cos, sin)
-    prefix = model.num_prefix_tokens
+    prefix = model.model.num_prefix_tokens
     return (q[..., prefix:, :] @ k[..., prefix:, :].transpose(-1, -2))[0]
 
 
@@ -231,11 +232,11 @@ def test_vision_rope_is_float32_even_in_bf16_models_and_under_autocast():
 
 def test_language_model_rope_frequencies_stay_float32_after_a_bf16_cast():
     model = make_model()
-    rotary = model.language_model.model.rotary_emb
+    rotary = model.language_model.rotary_emb
     before = rotary.inv_freq.clone()
     model.to(torch.bfloat16)
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, before)
-    assert model.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.language_model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_rope_augmentation_is_off_by_default_and_can_be_turned_on():
@@ -270,7 +271,7 @@ def test_gradient_checkpointing_reaches_tower_and_lm(processor):
     model = make_model()
     model.gradient_checkpointing_enable()
     flags = {
-        name.split(".")[0]
+        name.split(".")[1]  # model.<part>...
         for name, module in model.named_modules()
         if getattr(module, "gradient_checkpointing", False)
     }

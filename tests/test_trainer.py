@@ -92,9 +92,9 @@ def test_training_steps_with_accumulation_and_checkpointing(tmp_path, processor)
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
     after = weights(trainer.model)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert "language_model.model.embed_tokens.weight" in changed
-    assert any(name.startswith("vision_tower.") for name in changed)
-    assert any(name.startswith("connector.") for name in changed)
+    assert "model.language_model.embed_tokens.weight" in changed
+    assert any(name.startswith("model.vision_tower.") for name in changed)
+    assert any(name.startswith("model.connector.") for name in changed)
 
 
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_losses(tmp_path, processor):
