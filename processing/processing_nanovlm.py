@@ -188,6 +188,12 @@ class NanoVLMProcessor(ProcessorMixin):
         self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in text])
         return BatchFeature(data={**encoding, **image_inputs}, tensor_type=return_tensors)
 
+    def _process_images(self, images: list, **kwargs):
+        """transformers' hook without its `make_flat_list_of_images`: `images` is already flat here, and may hold
+        paths or encoded bytes, which that helper refuses."""
+        image_inputs = self.image_processor(images, **kwargs)
+        return image_inputs, [self.replace_image_token(image_inputs, index) for index in range(len(images))]
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The text one `<image>` placeholder becomes: as many `<image>` tokens as the image's plan gives."""
         token_height, token_width = (int(side) for side in image_inputs["image_token_hw"][image_idx])

@@ -293,3 +293,20 @@ def test_apply_chat_template_with_images(processor, tiny_model):
     with torch.no_grad():
         generated = tiny_model.generate(**encoded, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, encoded["input_ids"].shape[1] + 3)
+
+
+def test_images_as_paths_and_encoded_bytes_give_the_same_batch(processor, tmp_path):
+    import io
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    path = tmp_path / "photo.png"
+    image.save(path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    batches = [
+        processor(text="<image>what?", images=[source], return_tensors="pt")
+        for source in (image, str(path), encoded.getvalue())
+    ]
+    for batch in batches[1:]:
+        assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
+        assert torch.equal(batch["pixel_values"], batches[0]["pixel_values"])
