@@ -20,5 +20,6 @@ NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 from .collator import NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
 from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
+from .streaming import StreamingBucketBatches  # noqa: E402
 
-__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key"]
+__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key", "StreamingBucketBatches"]
