@@ -4,7 +4,7 @@ Trains twice: uninterrupted, then resumed from the checkpoint inside the second 
 OUT_DIR/rank{R}.json: the dataset indices of every batch it trained on, in order, for both runs, and checksums of the
 initial and final weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/multiprocess_train.py OUT_DIR [stream]
+    python -m torch.distributed.run --nproc_per_node 2 tests/multiprocess_train.py OUT_DIR [stream|one_factor|fsdp2]
 
 With `stream`, the rows are a `datasets.IterableDataset` (4 shards) trained for 6 steps through buffered bucketing;
 the record then also holds the batches this rank's stream gives for epochs 0 and 1, computed on their own.
@@ -74,7 +74,7 @@ def train(out_dir, processor, resume_from_checkpoint=None, stream=False):
 
     Streamed: 6 steps (the processes' shards hold 5 and 4 rows: 3 and 2 batches of 2 per epoch), checkpoint at 4."""
     torch.manual_seed(0)
-    model = NanoVLMForConditionalGeneration(tiny_config())
+    model = NanoVLMForConditionalGeneration(tiny_config(shuffle_factors=processor.image_processor.shuffle_factors))
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=2, num_train_epochs=NUM_EPOCHS, learning_rate=2e-3,
         logging_steps=1, save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True,
@@ -188,9 +188,12 @@ def main():
     tokenizer = build_tokenizer(["Which digit is shown and where? " + " ".join(ANSWERS)] * 20)
     if len(sys.argv) > 2 and sys.argv[2] == "fsdp2":
         return fsdp2(out_dir, tokenizer)
-    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=16, max_image_size=256), tokenizer)
-
-    stream = len(sys.argv) > 2 and sys.argv[2] == "stream"
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    # one_factor: every batch uses the same connector projection (ZeRO and FSDP need the same parameters to get
+    # gradients on every process; see fsdp2)
+    factors = {"shuffle_factors": [2]} if mode == "one_factor" else {}
+    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=16, max_image_size=256, **factors), tokenizer)
+    stream = mode == "stream"
     trainer, batches, initial = train(os.path.join(out_dir, "full"), processor, stream=stream)
     rank = trainer.args.process_index
     checkpoint = os.path.join(out_dir, "full", "checkpoint-4")

@@ -81,6 +81,16 @@ def test_accelerate_configs_train_exactly_and_resume(tmp_path, config):
 
 
 @pytest.mark.slow
+def test_deepspeed_zero2_trains_exactly_and_resumes(tmp_path):
+    """ZeRO-2 through accelerate launch on 2 CPU processes (deepspeed is optional: pip install deepspeed)."""
+    pytest.importorskip("deepspeed")
+    launch(["accelerate", REPO / "examples" / "accelerate" / "deepspeed_zero2.yaml"],
+           REPO / "tests" / "multiprocess_train.py", tmp_path, "one_factor")
+    records = check_sampler_run(tmp_path)
+    assert records[0]["distributed_type"].endswith("DEEPSPEED"), records[0]
+
+
+@pytest.mark.slow
 def test_fsdp2_shards_the_model_on_two_cpu_processes_and_resumes_exactly(tmp_path):
     """torch's FSDP2 (what fsdp_bf16.yaml selects) on gloo: the config's layer classes as shard units, a sharded
     checkpoint at step 4, a resumed run that ends with the same weights, and gathered weights the model loads."""
