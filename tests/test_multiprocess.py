@@ -107,6 +107,52 @@ def test_fsdp2_shards_the_model_on_two_cpu_processes_and_resumes_exactly(tmp_pat
     assert records[0]["loaded_strict"] is True
 
 
+# --- the README's launch commands, as written (plus a free port and tiny settings) --------------------------
+
+LAUNCHERS = {
+    "torchrun": ["torchrun"],
+    "accelerate-ddp": ["accelerate", REPO / "examples" / "accelerate" / "ddp_bf16.yaml"],
+    "accelerate-fsdp": ["accelerate", REPO / "examples" / "accelerate" / "fsdp_bf16.yaml"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_main_job_launches_on_two_processes(tmp_path, launcher):
+    out = tmp_path / "digits"
+    log = launch(LAUNCHERS[launcher], REPO / "examples" / "finetune.py", "--output_dir", out, "--max_steps", 3,
+                 "--train_samples", 48, "--eval_samples", 4, "--batch_size", 4, "--max_side", 160, "--threads", 1)
+    assert log.count("training 3 steps") == NUM_PROCESSES  # every process ran the job
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_samples"] == 4 and 0 <= metrics["digit_accuracy"] <= 1
+    assert (out / "model" / "model.safetensors").is_file()
+    assert log.count("reloaded") == NUM_PROCESSES  # each process reloaded the folder the main one wrote
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate-ddp"])
+def test_dataset_job_launches_on_two_processes(tmp_path, launcher):
+    import datasets
+    from test_finetune import make_backbones, square_images
+
+    make_backbones(tmp_path)
+    images, names = square_images(24)
+    datasets.Dataset.from_dict(
+        {"image": images, "question": ["What colour is the square?"] * 24, "answer": [f"a {n} square" for n in names]},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "answer": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    log = launch(LAUNCHERS[launcher], REPO / "examples" / "finetune.py", "--vision_model", tmp_path / "vision",
+                 "--text_model", tmp_path / "text", "--dataset", tmp_path / "data", "--output_dir", out,
+                 "--max_steps", 2, "--batch_size", 2, "--eval_samples", 2, "--max_image_tokens", 16,
+                 "--max_side", 96, "--max_new_tokens", 3, "--threads", 1)
+    assert log.count("fine-tuning") == NUM_PROCESSES
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "dataset" and metrics["eval_samples"] == 2
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 # --- accelerate configs --------------------------------------------------------------------------------
 
 
