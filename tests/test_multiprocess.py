@@ -107,6 +107,26 @@ def test_fsdp2_shards_the_model_on_two_cpu_processes_and_resumes_exactly(tmp_pat
     assert records[0]["loaded_strict"] is True
 
 
+@pytest.mark.slow
+def test_two_machines_launch_as_the_readme_shows(tmp_path):
+    """The README's multi-node command, two "machines" on this host (machine ranks 0 and 1, one process each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    port = free_port()
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(REPO / "examples" / "accelerate" / "ddp_bf16.yaml"), "--num_machines", "2", "--machine_rank", str(rank),
+             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2",
+             str(REPO / "tests" / "multiprocess_train.py"), str(tmp_path)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    check_sampler_run(tmp_path)
+
+
 # --- the README's launch commands, as written (plus a free port and tiny settings) --------------------------
 
 LAUNCHERS = {
