@@ -14,8 +14,10 @@ tokens + image tokens from the plan, rounded up to `length_step`), and cut into 
      holds encoded bytes, not pixels);
   3. when the buffer is full, every full batch it holds is cut (full: `batch_size` rows, or a token-budget batch
      that another row of its bucket would overflow); the rest of each bucket stays in the buffer for the rows still
-     to come; the cut batches are handed out in random order. At the end of the epoch the remainder is cut too
-     (per bucket, then the leftovers of all buckets pooled into mixed batches, as the sampler does);
+     to come; the cut batches are handed out in random order. If no bucket holds a full batch (a buffer too small
+     for the number of buckets), one batch is cut around the fullest bucket, topped up from its neighbours. At the
+     end of the epoch the remainder is cut too (per bucket, then the leftovers of all buckets pooled into mixed
+     batches, as the sampler does);
   4. every row carries `__index__`: its position in this process's stream for the epoch.
 
 Every row of the process's shard is in exactly one batch per epoch. The number of batches is not known in advance
@@ -209,8 +211,8 @@ class StreamingBucketBatches(IterableDataset):
             buffer.append(self.measure(dict(row), index, rng))
             if len(buffer) >= self.buffer_size:
                 cut, buffer = self._cut(buffer, final=False)
-                if not cut:  # no bucket holds a full batch: too many sparse buckets for this buffer
-                    cut, buffer = self._cut(buffer, final=True)
+                if not cut:  # no bucket holds a full batch (more buckets than this buffer fills): make room
+                    cut, buffer = self._cut_one(buffer)
                 yield from self._hand_out(cut, rng)
         if buffer:
             cut, _ = self._cut(buffer, final=True)
@@ -294,6 +296,19 @@ class StreamingBucketBatches(IterableDataset):
             batches += _chunks(kept, self.rows_per_batch)
             kept = []
         return batches, kept
+
+    def _cut_one(self, buffer: list[_Entry]) -> tuple[list[list[_Entry]], list[_Entry]]:
+        """One batch around the fullest bucket, topped up from its neighbours (in bucket order), the rest kept."""
+        order = sorted(buffer, key=lambda e: (e.key, -e.rounded_length, e.shape, e.tie_break))
+        sizes = defaultdict(int)
+        for entry in order:
+            sizes[entry.key] += 1
+        fullest = max(sorted(sizes), key=lambda key: sizes[key])
+        start = next(position for position, entry in enumerate(order) if entry.key == fullest)
+        if self.max_tokens_per_batch is not None:  # the fullest bucket is one batch under the budget already
+            return [order[start : start + sizes[fullest]]], order[:start] + order[start + sizes[fullest]:]
+        start = min(start, len(order) - self.rows_per_batch)
+        return [order[start : start + self.rows_per_batch]], order[:start] + order[start + self.rows_per_batch :]
 
     def _pack(self, members: list[_Entry]) -> list[list[_Entry]]:
         """Greedy cut of length-sorted (longest first) rows into batches within the token budget."""
