@@ -27,6 +27,9 @@ class NanoVLMTrainer(Trainer):
         `BucketBatchSampler.from_dataset`: rows per batch = `per_device_train_batch_size` (a cap when
         `max_tokens_per_batch` is given), seed = `data_seed` or `seed`, `num_replicas` = `world_size`, text
         lengths from the `NanoVLMCollator`, image sizes from file headers;
+      - a streamed train dataset (`datasets.IterableDataset`, or a `StreamingBucketBatches`) is batched by
+        `StreamingBucketBatches` (buffered bucketing, `stream_buffer_size` rows; each process reads its own rows via
+        `split_dataset_by_node`), and a resumed run skips the checkpoint's steps inside the stream (exact replay);
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
