@@ -128,7 +128,7 @@ def fsdp2(out_dir, tokenizer):
         fully_shard(model)
         return model, torch.optim.AdamW(model.parameters(), lr=2e-3), len(units) + 1
 
-    def steps(model, optimizer, batch_range):
+    def steps(model, optimizer, batch_range, save=False):
         losses = []
         for step in batch_range:
             loss = model(**batches[step]).loss
@@ -136,7 +136,7 @@ def fsdp2(out_dir, tokenizer):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(round(loss.item(), 6))
-            if step == 3 and not os.path.exists(checkpoint):
+            if step == 3 and save:  # decided alike on every process: dcp.save is a collective
                 model_state, optimizer_state = get_state_dict(model, optimizer)
                 dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
         return losses
@@ -146,7 +146,7 @@ def fsdp2(out_dir, tokenizer):
 
     model, optimizer, units = build()
     initial = checksum_of(full_weights(model))  # every process takes part in gathering; rank 0 gets the weights
-    losses = steps(model, optimizer, range(6))
+    losses = steps(model, optimizer, range(6), save=True)
     after = full_weights(model)
     record = {
         "parameter_type": type(next(model.parameters())).__name__,
