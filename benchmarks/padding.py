@@ -198,7 +198,8 @@ def streaming_figures(ip, sizes, text, plans, patch, batch_size, budget, seed, s
     rows = datasets.Dataset.from_dict({
         "id": list(range(len(text))),
         "image": [f"image-{index}.jpg" for index in range(len(text))],  # never opened: sizes come from the columns
-        "height": [int(h) for h, _ in sizes], "width": [int(w) for _, w in sizes], "text_tokens": [int(t) for t in text],
+        "height": [int(h) for h, _ in sizes], "width": [int(w) for _, w in sizes],
+        "text_tokens": [int(t) for t in text],
     }).to_iterable_dataset(num_shards=8)
     figures = {}
     for buffer_size in STREAM_BUFFERS:

@@ -142,7 +142,8 @@ class NanoVLMTrainer(Trainer):
             if not isinstance(self.data_collator, NanoVLMCollator):
                 raise ValueError(
                     "NanoVLMTrainer buckets a streamed dataset with a NanoVLMCollator (it knows the processor and row "
-                    "format); pass data_collator=NanoVLMCollator(processor) or a StreamingBucketBatches as train_dataset"
+                    "format); pass data_collator=NanoVLMCollator(processor), or a StreamingBucketBatches as "
+                    "train_dataset"
                 )
             collator = self.data_collator
             stream = StreamingBucketBatches(

@@ -192,7 +192,9 @@ class StreamingBucketBatches(IterableDataset):
         count may run past the end of that epoch into the next ones)."""
         for name in ("seed", "rank", "world_size"):
             if state[name] != getattr(self, name):
-                raise ValueError(f"the state was saved with {name}={state[name]}, this stream has {getattr(self, name)}")
+                raise ValueError(
+                    f"the state was saved with {name}={state[name]}, this stream has {getattr(self, name)}"
+                )
         self.epoch = state["epoch"]
         self._skip = self._yielded = state["num_batches_yielded"]
 
@@ -272,7 +274,9 @@ class StreamingBucketBatches(IterableDataset):
         else:
             return [image_size(_header_source(image)) for image in images]
         if len(sizes) != len(images):
-            raise ValueError(f"dataset row {index}: {len(images)} images but sizes for {len(sizes)} in its size columns")
+            raise ValueError(
+                f"dataset row {index}: {len(images)} images but sizes for {len(sizes)} in its size columns"
+            )
         return sizes
 
     def _cut(self, buffer: list[_Entry], final: bool) -> tuple[list[list[_Entry]], list[_Entry]]:

@@ -80,7 +80,9 @@ def lengths_and_shapes(dataset, image_processor):
 # --- batches ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings", [dict(batch_size=4), dict(max_tokens_per_batch=400), dict(batch_size=3, buffer_size=3)])
+@pytest.mark.parametrize(
+    "settings", [dict(batch_size=4), dict(max_tokens_per_batch=400), dict(batch_size=3, buffer_size=3)]
+)
 def test_every_row_exactly_once_per_epoch(dataset, image_processor, settings):
     settings = {"batch_size": None, **settings}
     batches = stream(dataset, image_processor, **settings)
