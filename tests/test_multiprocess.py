@@ -133,12 +133,15 @@ LAUNCHERS = {
     "torchrun": ["torchrun"],
     "accelerate-ddp": ["accelerate", REPO / "examples" / "accelerate" / "ddp_bf16.yaml"],
     "accelerate-fsdp": ["accelerate", REPO / "examples" / "accelerate" / "fsdp_bf16.yaml"],
+    "accelerate-deepspeed": ["accelerate", REPO / "examples" / "accelerate" / "deepspeed_zero2.yaml"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_main_job_launches_on_two_processes(tmp_path, launcher):
+    if launcher == "accelerate-deepspeed":
+        pytest.importorskip("deepspeed")
     out = tmp_path / "digits"
     log = launch(LAUNCHERS[launcher], REPO / "examples" / "finetune.py", "--output_dir", out, "--max_steps", 3,
                  "--train_samples", 48, "--eval_samples", 4, "--batch_size", 4, "--max_side", 160, "--threads", 1)
