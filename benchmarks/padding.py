@@ -19,6 +19,10 @@ Strategies:
   (d) ours + snap   BucketBatchSampler with the image processor snapping images to one shape per bucket
                     (`snap_sizes` / `snap_aspect_ratios`), the sampler's buckets set to the same grid
 
+Streaming (second table): `StreamingBucketBatches` reading the same mix as a `datasets.IterableDataset` (8 shards,
+image sizes from `height`/`width` columns) with buffers of 256 / 1,024 / 8,192 rows, next to (a), (c) and (d): what
+bucketing inside a window of the stream gives up against bucketing the whole epoch (also with snapping).
+
 No model and no pixels: every figure comes from `NanoVLMImageProcessor.plan(h, w)`.
 
     python benchmarks/padding.py [--samples 20000] [--batch-size 16] [--json PATH] [--plot docs/padding.png]
@@ -159,6 +163,11 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
             and figures["tower_calls_per_batch"] <= GOALS["tower_calls_per_batch_max"]
         )
 
+    streaming = streaming_figures(ip, sizes, text, plans, patch, batch_size, budget, seed)
+    if results["d_bucket_snap"] is not None:  # snapping inside the buffer too: one shape per bucket
+        streaming.update(streaming_figures(snap_ip, sizes, text, snap_plans, patch, batch_size, None, seed,
+                                           suffix="_snap", **buckets))
+
     return {
         "benchmark": "padding",
         "settings": {
@@ -171,9 +180,37 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
                 "distinct_image_shapes": len({tuple(r) for r in plans["resized"].tolist()})},
         "goals": GOALS,
         "strategies": results,
+        "streaming": streaming,
         "notes": notes,
         "environment": environment(),
     }
+
+
+STREAM_BUFFERS = (256, 1024, 8192)
+
+
+def streaming_figures(ip, sizes, text, plans, patch, batch_size, budget, seed, suffix="", **bucket_edges) -> dict:
+    """One epoch of StreamingBucketBatches per buffer size (fixed batch size, and the token budget if given)."""
+    import datasets
+
+    from processing import StreamingBucketBatches
+
+    rows = datasets.Dataset.from_dict({
+        "id": list(range(len(text))),
+        "image": [f"image-{index}.jpg" for index in range(len(text))],  # never opened: sizes come from the columns
+        "height": [int(h) for h, _ in sizes], "width": [int(w) for _, w in sizes],
+        "text_tokens": [int(t) for t in text],
+    }).to_iterable_dataset(num_shards=8)
+    figures = {}
+    for buffer_size in STREAM_BUFFERS:
+        modes = [("", dict(batch_size=batch_size))] + ([("_max_tokens", dict(max_tokens_per_batch=budget))]
+                                                        if budget else [])
+        for name, batching in modes:
+            stream = StreamingBucketBatches(rows, ip, text_length="text_tokens", buffer_size=buffer_size, seed=seed,
+                                            **batching, **bucket_edges)
+            batches = [[row["id"] for row in batch] for batch in stream]
+            figures[f"buffer_{buffer_size}{name}{suffix}"] = batch_figures(batches, plans, text, patch)
+    return figures
 
 
 LABELS = {
@@ -215,6 +252,8 @@ def report(figures: dict) -> str:
         f = figures["strategies"].get(key)
         verdict = "unavailable" if f is None else ("meets the goals" if f["meets_goals"] else "misses a goal")
         out.append(f"  {LABELS[key]}: {verdict}")
+    out.append("")
+    out.append(streaming_report(figures))
     notes = figures["notes"]
     if "snapping_unavailable" in notes:
         out.append(f"(d) unavailable: {notes['snapping_unavailable']}")
@@ -227,6 +266,25 @@ def report(figures: dict) -> str:
                    f"{c['tower_patches_per_image_snapped']:.0f}; distinct shapes {c['distinct_shapes_unsnapped']} -> "
                    f"{c['distinct_shapes_snapped']}")
     return "\n".join(out)
+
+
+def streaming_report(figures: dict) -> str:
+    s, strategies, streaming = figures["settings"], figures["strategies"], figures["streaming"]
+    rows = []
+    for mode, suffix in (("batch", ""), ("max_tokens", "_max_tokens")):
+        reference = [("(a) random, whole epoch", strategies["a_random"])] if not suffix else []
+        reference.append((f"(c) BucketBatchSampler, whole epoch", strategies[f"c_bucket{suffix}"]))
+        streamed = [(f"streaming, buffer {size:,}", streaming[f"buffer_{size}{suffix}"]) for size in STREAM_BUFFERS]
+        if not suffix and strategies.get("d_bucket_snap") is not None:
+            streamed += [("(d) BucketBatchSampler + snap, whole epoch", strategies["d_bucket_snap"])]
+            streamed += [(f"streaming + snap, buffer {size:,}", streaming[f"buffer_{size}_snap"])
+                         for size in STREAM_BUFFERS]
+        for label, f in reference + streamed:
+            rows.append([mode, label, f["batches"], round(f["mean_rows_per_batch"], 1),
+                         round(f["tower_calls_per_batch"], 2), pct(f["lm_padding"])])
+    return table(["batching", "strategy", "batches", "rows/batch", "tower calls/batch", "LM pad"], rows, title=(
+        f"Streaming (StreamingBucketBatches on a datasets.IterableDataset, 8 shards) vs whole-epoch bucketing, "
+        f"same {s['samples']} samples, batch {s['batch_size']} / max_tokens_per_batch={s['max_tokens_per_batch']}"))
 
 
 def plot(figures: dict, path: str):

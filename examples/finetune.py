@@ -287,11 +287,19 @@ def set_generation_tokens(model, tokenizer):
 
 
 def save_and_push(model, processor, folder: Path, push_to_hub: str | None):
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    if push_to_hub:  # hook point: whoever owns the model card writes it next to the weights before this
+    from accelerate import PartialState
+
+    # On several processes every one takes part (FSDP gathers the sharded weights), the main one writes, and the
+    # others wait for the folder before reloading it.
+    state = PartialState()
+    main = state.is_main_process
+    model.save_pretrained(folder, **({"is_main_process": main} if state.num_processes > 1 else {}))
+    if main:
+        processor.save_pretrained(folder)
+    if push_to_hub and main:  # hook point: whoever owns the model card writes it next to the weights before this
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
+    state.wait_for_everyone()
 
 
 def reload_and_ask(folder: Path, image, question: str, max_new_tokens: int) -> str:
@@ -430,15 +438,17 @@ def run_digits(args) -> dict:
 
     collator = NanoVLMCollator(processor)
     text_length = collator.text_length({"prompt": QUESTION, "answer": "0 top-left"})  # every answer: same length
+    training_args = training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
+                                       recipe["learning_rate"], recipe["warmup_ratio"])
     sampler = EpochBucketSampler(train, [text_length] * len(train), processor.image_processor,
-                                 batch_size=recipe["batch_size"], seed=args.seed)
+                                 batch_size=recipe["batch_size"], seed=args.seed,
+                                 num_replicas=training_args.world_size)
     optimizer = make_optimizer(model, {"vision_tower": recipe["learning_rate"],
                                        "connector": recipe["connector_learning_rate"],
                                        "language_model": recipe["text_learning_rate"]}, recipe["weight_decay"])
     trainer = NanoVLMTrainer(
         model=model,
-        args=training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
-                                recipe["learning_rate"], recipe["warmup_ratio"]),
+        args=training_args,
         train_dataset=train,
         data_collator=collator,
         processing_class=processor,
@@ -658,8 +668,10 @@ def run_dataset(args) -> dict:
     train_seconds = time.perf_counter() - started
     # each process collated its own batches: the run's count is the sum
     skipped_train = int(trainer.accelerator.reduce(torch.tensor([collator.skipped_rows]), reduction="sum").item())
+    folder = output_dir / "model"
+    save_and_push(model, processor, folder, args.push_to_hub)  # every process takes part (FSDP gathers weights)
     if not trainer.is_world_process_zero():
-        return {}  # evaluating, saving and reloading happen once, on the main process
+        return {}  # evaluating and reloading happen once, on the main process
 
     items, skipped_eval = evaluation_rows(processor, collator, held_out)
     prompts, images, references = zip(*items)
@@ -694,8 +706,6 @@ def run_dataset(args) -> dict:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", f"nanoVLM fine-tuned on {args.dataset}")
 
-    folder = output_dir / "model"
-    save_and_push(model, processor, folder, args.push_to_hub)
     prompt, row_images, reference = items[0]
     before = generate_answers(model, processor, [row_images], [prompt], settings["max_new_tokens"])[0]
     from transformers import AutoModelForImageTextToText, AutoProcessor

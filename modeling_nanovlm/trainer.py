@@ -9,7 +9,7 @@ import math
 import os
 from functools import partial
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
@@ -27,6 +27,9 @@ class NanoVLMTrainer(Trainer):
         `BucketBatchSampler.from_dataset`: rows per batch = `per_device_train_batch_size` (a cap when
         `max_tokens_per_batch` is given), seed = `data_seed` or `seed`, `num_replicas` = `world_size`, text
         lengths from the `NanoVLMCollator`, image sizes from file headers;
+      - a streamed train dataset (`datasets.IterableDataset`, or a `StreamingBucketBatches`) is batched by
+        `StreamingBucketBatches` (buffered bucketing, `stream_buffer_size` rows; each process reads its own rows via
+        `split_dataset_by_node`), and a resumed run skips the checkpoint's steps inside the stream (exact replay);
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
@@ -39,7 +42,14 @@ class NanoVLMTrainer(Trainer):
     LM loss.
     """
 
-    def __init__(self, *args, batch_sampler=None, max_tokens_per_batch: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        batch_sampler=None,
+        max_tokens_per_batch: int | None = None,
+        stream_buffer_size: int = 1024,
+        **kwargs,
+    ):
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and hasattr(processor, "image_processor"):
             from processing import NanoVLMCollator
@@ -57,6 +67,9 @@ class NanoVLMTrainer(Trainer):
         self.train_batch_sampler = batch_sampler
         self._sampler_is_built_here = batch_sampler is None
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.stream_buffer_size = stream_buffer_size
+        self.train_stream = None  # the StreamingBucketBatches, when the train dataset is streamed
+        self._stream_resume_batches = 0
         self.add_callback(_SamplerEpochCallback(self))
 
     def build_train_batch_sampler(self):
@@ -83,6 +96,8 @@ class NanoVLMTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        if _is_stream(self.train_dataset):
+            return self.get_streaming_train_dataloader()
         # Built once (it reads every image header); again only if auto_find_batch_size changed the batch size.
         if self.train_batch_sampler is None or (
             self._sampler_is_built_here and self.train_batch_sampler.rows_per_batch != self._train_batch_size
@@ -108,6 +123,106 @@ class NanoVLMTrainer(Trainer):
             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
         )
         return self.accelerator.prepare(dataloader)
+
+    # --- streamed datasets: buffered bucketing, one shard of the stream per process -------------------------
+
+    def build_train_stream(self):
+        """The `StreamingBucketBatches` over a streamed train dataset: this process's rows, bucketed in a buffer."""
+        from processing import NanoVLMCollator, StreamingBucketBatches
+
+        if isinstance(self.train_dataset, StreamingBucketBatches):
+            stream = self.train_dataset
+            if (stream.rank, stream.world_size) != (self.args.process_index, self.args.world_size):
+                raise ValueError(
+                    f"the StreamingBucketBatches was built for rank {stream.rank} of {stream.world_size} but this is "
+                    f"process {self.args.process_index} of {self.args.world_size}; build it with "
+                    "rank=args.process_index, world_size=args.world_size (or pass the datasets.IterableDataset)"
+                )
+        else:
+            if not isinstance(self.data_collator, NanoVLMCollator):
+                raise ValueError(
+                    "NanoVLMTrainer buckets a streamed dataset with a NanoVLMCollator (it knows the processor and row "
+                    "format); pass data_collator=NanoVLMCollator(processor), or a StreamingBucketBatches as "
+                    "train_dataset"
+                )
+            collator = self.data_collator
+            stream = StreamingBucketBatches(
+                self.train_dataset,
+                collator.processor.image_processor,
+                text_length=collator.text_length,
+                batch_size=self._train_batch_size,
+                max_tokens_per_batch=self.max_tokens_per_batch,
+                buffer_size=self.stream_buffer_size,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                shuffle=self.args.train_sampling_strategy != "sequential",
+                rank=self.args.process_index,
+                world_size=self.args.world_size,
+                plan_overrides=collator.plan_overrides,
+            )
+        # One endless stream of batches, epoch after epoch: a resumed run then continues at the exact batch, also
+        # across epoch boundaries (the Trainer itself can only skip batches of its first epoch).
+        stream.repeat = True
+        return stream
+
+    def get_streaming_train_dataloader(self) -> DataLoader:
+        """A DataLoader over this process's own batches, placed on the device but not sharded again.
+
+        Each process reads its own rows (`split_dataset_by_node`), so accelerate must neither dispatch batches from
+        process 0 (its default for an IterableDataset: it would concatenate batches of different shapes and the
+        other processes' rows would never be read) nor slice this process's batches once more.
+        """
+        from accelerate.data_loader import prepare_data_loader
+
+        args = self.args
+        if args.dataloader_num_workers:
+            raise ValueError(
+                f"dataloader_num_workers={args.dataloader_num_workers}: a streamed dataset is bucketed in the main "
+                "process (each worker would read and hand out the same batches); use dataloader_num_workers=0"
+            )
+        self.train_stream = self.build_train_stream()
+        if self._stream_resume_batches:
+            self.train_stream.load_state_dict({**self.train_stream.state_dict(), "epoch": 0,
+                                               "num_batches_yielded": self._stream_resume_batches})
+        dataloader = DataLoader(
+            _EndlessStream(self.train_stream),
+            batch_size=None,  # the stream yields whole batches
+            collate_fn=self.data_collator,
+            pin_memory=args.dataloader_pin_memory,
+        )
+        prepared = prepare_data_loader(
+            dataloader,
+            self.accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=self.accelerator.device_placement,
+            dispatch_batches=False,
+            non_blocking=self.accelerator.non_blocking,
+        )
+        self.accelerator._dataloaders.append(prepared)  # as Accelerator.prepare_data_loader registers it
+        return prepared
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Resuming on a streamed dataset: the stream skips the batches of the checkpoint's steps itself."""
+        self._stream_resume_batches = 0
+        if not resume_from_checkpoint or not _is_stream(self.train_dataset) or self.args.ignore_data_skip:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        from transformers.trainer_callback import TrainerState
+
+        state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        # Every optimizer step took gradient_accumulation_steps batches from the (endless) stream of each process.
+        self._stream_resume_batches = state.global_step * self.args.gradient_accumulation_steps
+        self.args.ignore_data_skip = True  # the stream skips; the Trainer's skip would count from its epoch 0
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = False
+            self._stream_resume_batches = 0
 
     # --- checkpoints: load them the way they were saved ----------------------------------------------------
 
@@ -138,6 +253,23 @@ class NanoVLMTrainer(Trainer):
         loaded = type(model).from_pretrained(checkpoint, config=model.config, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict())  # strict: every key must match now
         return True
+
+
+def _is_stream(dataset) -> bool:
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
+
+
+class _EndlessStream(IterableDataset):
+    """The trainer's view of a `StreamingBucketBatches`: no `set_epoch`, so the DataLoader's epoch counter (which
+    restarts at 0 on resume) never moves the stream; the stream moves on to its next epoch by itself."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return iter(self.stream)
 
 
 class _SamplerEpochCallback(TrainerCallback):

@@ -21,6 +21,15 @@ NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 from .collator import BadRowError, NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
 from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
 from .sizes import add_image_sizes, add_text_lengths, keep_images_encoded  # noqa: E402
+from .streaming import StreamingBucketBatches  # noqa: E402
 
-__all__ += ["NanoVLMCollator", "BadRowError", "BucketBatchSampler", "bucket_key", "add_image_sizes", "add_text_lengths",
-            "keep_images_encoded"]
+__all__ += [
+    "NanoVLMCollator",
+    "BadRowError",
+    "BucketBatchSampler",
+    "bucket_key",
+    "StreamingBucketBatches",
+    "add_image_sizes",
+    "add_text_lengths",
+    "keep_images_encoded",
+]

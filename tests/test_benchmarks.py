@@ -17,7 +17,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 EXPECTED = {
     "padding": {
-        "top": {"settings", "mix", "goals", "strategies", "notes", "environment"},
+        "top": {"settings", "mix", "goals", "strategies", "streaming", "notes", "environment"},
         "strategies": ["a_random", "b_length_grouped_text", "b_length_grouped_total", "c_bucket",
                        "c_bucket_max_tokens", "d_bucket_snap", "d_bucket_snap_max_tokens"],
         "per_strategy": {"batches", "samples", "image_padding_pad_to_max", "image_padding_as_run",
@@ -81,6 +81,11 @@ def test_figures_are_consistent(quick_results):
         assert strategy["samples"] == samples, key  # one epoch: every sample once
         assert 0 <= strategy["lm_padding"] < 1 and 0 <= strategy["image_padding_pad_to_max"] < 1
     assert padding["strategies"]["c_bucket"]["image_padding_as_run"] == 0.0  # nanoVLM never pads images
+    assert set(padding["streaming"]) == {f"buffer_{size}{mode}" for size in (256, 1024, 8192)
+                                         for mode in ("", "_max_tokens", "_snap")}
+    for key, streamed in padding["streaming"].items():
+        assert streamed["samples"] == samples, key  # buffered bucketing: every sample once per epoch too
+        assert 0 <= streamed["lm_padding"] < 1 and streamed["tower_calls_per_batch"] >= 1
 
     throughput = load(results, "throughput", completed)
     assert throughput["strategies"]["ours"]["samples"] == throughput["strategies"]["random"]["samples"]
