@@ -39,7 +39,8 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .image_processing_nanovlm import image_size
-from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _header_source, bucket_key
+from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _chunks, bucket_key
+from .sizes import image_source
 
 IMAGE_COLUMNS = ("images", "image")
 
@@ -272,7 +273,7 @@ class StreamingBucketBatches(IterableDataset):
             else:
                 sizes = [(int(heights), int(widths))]
         else:
-            return [image_size(_header_source(image)) for image in images]
+            return [image_size(image_source(image)) for image in images]
         if len(sizes) != len(images):
             raise ValueError(
                 f"dataset row {index}: {len(images)} images but sizes for {len(sizes)} in its size columns"
@@ -333,16 +334,12 @@ class StreamingBucketBatches(IterableDataset):
             yield [entry.row for entry in batches[position]]
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
 def _decodable(images):
     """`datasets` image structs ({"bytes", "path"}) as what `load_image` reads; anything else as it is."""
     if isinstance(images, (list, tuple)):
         return [_decodable(image) for image in images]
     if isinstance(images, dict) and ("bytes" in images or "path" in images):
-        return _header_source(images)
+        return image_source(images)
     return images
 
 
