@@ -430,8 +430,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         """Exact number of image tokens for an image of `height` x `width` (no pixels needed)."""
         return self.plan(height, width, **overrides).num_tokens
 
-    def _resized(self, raw, overrides: dict) -> tuple[np.ndarray, ImagePlan]:
-        """One input image decoded, turned upright, converted to RGB and resized to its plan: ((3, H, W) uint8, plan).
+    def _decoded(self, raw, overrides: dict) -> tuple[Image.Image, ImagePlan]:
+        """One input image decoded, turned upright (EXIF) and converted to RGB, with its plan.
 
         The plan always comes from the full, EXIF-oriented size, also when the JPEG is decoded at reduced scale.
         """
@@ -452,6 +452,11 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         image = _to_rgb(decoded, tuple(self.background_color))
         if orientation in _TRANSPOSE_FOR_ORIENTATION:
             image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+        return image, plan
+
+    def _resized(self, raw, overrides: dict) -> tuple[np.ndarray, ImagePlan]:
+        """One input image at its planned size: ((3, H, W) uint8 pixels, plan)."""
+        image, plan = self._decoded(raw, overrides)
         return _resize_rgb(image, (plan.resized_height, plan.resized_width), self.resample), plan
 
     def _patches(self, pixels: np.ndarray, plan: ImagePlan) -> np.ndarray:
