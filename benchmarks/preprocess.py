@@ -23,7 +23,11 @@ import them and runs them when it can.
 Methods take turns photo by photo (the order rotating), so load changes on a shared machine hit all alike. Ratios
 are per-image times from the same run.
 
-    python benchmarks/preprocess.py [--budgets 1024,256] [--rounds 3] [--json PATH]
+`--settings` lists max_image_tokens:max_image_size pairs; the default 1024:2048 is the processor's default (photos
+up to 3000 px shrink less than 2x, so JPEGs are decoded at full scale) and 256:1024 a training-size setting where
+the larger photos are decoded at reduced scale.
+
+    python benchmarks/preprocess.py [--settings 1024:2048,256:1024] [--rounds 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -232,14 +236,14 @@ def measure(methods: dict, photos: list[dict], ip, rounds: int) -> dict:
     return totals
 
 
-def run(budgets, max_image_size: int, rounds: int, num_sources: int | None, sizes, threads: int) -> dict:
+def run(settings, rounds: int, num_sources: int | None, sizes, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     photos = encoded_photos(num_sources, sizes)
     fast = fast_variants_status()
     results = {}
-    for budget in budgets:
+    for budget, max_image_size in settings:
         methods, info = build_methods(budget, max_image_size, photos, fast["available"])
         for method in methods.values():  # warm-up: imports, first-call costs
             method(photos[0]["bytes"], info["processor"].plan(photos[0]["height"], photos[0]["width"]))
@@ -254,8 +258,9 @@ def run(budgets, max_image_size: int, rounds: int, num_sources: int | None, size
                 "pixel_mb_per_image": t["pixel_bytes"] / t["images"] / 2**20,
             }
         floor = by_method["floor (decode + resize)"]["ms_per_image"]
-        results[str(budget)] = {
+        results[f"{budget}:{max_image_size}"] = {
             "max_image_tokens": budget,
+            "max_image_size": max_image_size,
             "qwen2_vl_max_pixels": info["qwen2_vl_max_pixels"],
             "idefics3_longest_edge": info["idefics3_longest_edge"],
             "methods": by_method,
@@ -264,7 +269,7 @@ def run(budgets, max_image_size: int, rounds: int, num_sources: int | None, size
     return {
         "benchmark": "preprocess",
         "settings": {
-            "budgets": list(budgets), "max_image_size": max_image_size, "rounds": rounds, "photos": len(photos),
+            "budgets": [f"{b}:{m}" for b, m in settings], "rounds": rounds, "photos": len(photos),
             "photo_sizes": [f"{w}x{h}" for w, h in sizes], "jpeg_quality": 90, "torch_threads": threads,
             "one_image_per_call": True,
         },
@@ -287,7 +292,7 @@ def report(figures: dict) -> str:
                          round(m["pixel_mb_per_image"], 2), f"{r['ratio_to_floor'][name]:.2f}x"])
         out.append(table(
             ["method", "ms/image", "images/s", "image tokens/s", "tokens/image", "pixel MB/image", "x floor"], rows,
-            title=f"Preprocessing, budget {budget} tokens, max side {s['max_image_size']}: {s['photos']} JPEG photos "
+            title=f"Preprocessing, budget {r['max_image_tokens']} tokens, max side {r['max_image_size']}: {s['photos']} JPEG photos "
                   f"({', '.join(s['photo_sizes'])}), {s['rounds']} round(s), one image per call, "
                   f"{s['torch_threads']} torch thread(s); qwen2-vl max_pixels={r['qwen2_vl_max_pixels']}, "
                   f"idefics3 longest_edge={r['idefics3_longest_edge']}"))
@@ -303,16 +308,16 @@ def report(figures: dict) -> str:
 
 def main(argv=None):
     parser = argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="1024,256", help="comma-separated max_image_tokens values")
-    parser.add_argument("--max-image-size", type=int, default=2048)
+    parser.add_argument("--settings", default="1024:2048,256:1024",
+                        help="comma-separated max_image_tokens:max_image_size pairs")
     parser.add_argument("--rounds", type=int, default=3, help="passes over all photos")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one, as in a DataLoader worker)")
     args = parser.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    settings = [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     num_sources, sizes = None, PHOTO_SIZES
     if args.quick:
-        args.rounds, num_sources, sizes, budgets = 1, 2, PHOTO_SIZES[:2], budgets[:1]
-    figures = run(budgets, args.max_image_size, args.rounds, num_sources, sizes, args.threads)
+        args.rounds, num_sources, sizes, settings = 1, 2, PHOTO_SIZES[:2], settings[:1]
+    figures = run(settings, args.rounds, num_sources, sizes, args.threads)
     print(report(figures))
     write_json(args.json, figures)
     return figures

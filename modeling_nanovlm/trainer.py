@@ -36,7 +36,9 @@ class NanoVLMTrainer(Trainer):
         0 on a machine with 2 or fewer CPUs per process, where workers measured slower than none), with the stock
         `prefetch_factor` (2) unless `args.dataloader_prefetch_factor` is set. A nonzero
         `dataloader_num_workers` is used as given; `auto_workers=False` keeps 0. Batches, losses and resume are
-        the same with any number of workers (the sampler decides the batches; the collator has no randomness);
+        the same with any number of workers (the sampler decides the batches; the collator has no randomness).
+        Workers start at every epoch, after the sampler's (and a dataset's) `set_epoch`; with
+        `dataloader_persistent_workers=True` they would keep the dataset as it was in the first epoch;
       - checkpoints are loaded back through `from_pretrained`: `save_pretrained` writes the vision tower's keys in
         DINOv3's original layout, and the stock resume path loads keys as they are on disk, silently leaving the
         tower's layers untrained (huggingface/transformers#43701, open in 5.24).

@@ -349,10 +349,10 @@ def test_trainer_picks_workers_when_left_at_the_default(tmp_path, tokenizer, mon
     import modeling_nanovlm.trainer as trainer_module
 
     rows = photo_rows(4)
-    monkeypatch.setattr(trainer_module, "default_dataloader_workers", lambda: 3)
+    monkeypatch.setattr(trainer_module, "default_dataloader_workers", lambda: 2)
     trainer = workers_trainer(tmp_path, rows, tokenizer, 0, max_steps=1)
     trainer.auto_workers = True
-    assert _num_workers(trainer.get_train_dataloader()) == 3
+    assert _num_workers(trainer.get_train_dataloader()) == 2
     trainer.auto_workers = False  # the user's 0 kept
     assert _num_workers(trainer.get_train_dataloader()) == 0
     explicit = workers_trainer(tmp_path, rows, tokenizer, 1, max_steps=1)
