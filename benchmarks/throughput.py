@@ -504,6 +504,7 @@ def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, ma
             "workers": c["workers"], "pixel_dtype": c["pixel_dtype"], "batches": c["batches"], "samples": c["samples"],
             "seconds": c["seconds"], "samples_per_second": c["samples"] / c["seconds"],
             "pixel_mb_per_batch": c["pixel_bytes"] / c["batches"] / 2**20,
+            "turn_seconds": [round(s, 3) for s in c["turn_seconds"]],
         }
     reference = results[names[0]]["samples_per_second"]
     for r in results.values():
@@ -690,8 +691,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--strategies", default="ours,random,pad-to-max",
                         help="comma-separated, from ours, ours+snap, random, pad-to-max")
-    parser.add_argument("--turn-batches", type=int, default=16, help="pipeline: batches per turn (fresh iterator)")
-    parser.add_argument("--turns", type=int, default=3, help="pipeline: turns per configuration")
+    parser.add_argument("--turn-batches", type=int, default=8, help="pipeline: batches per turn (fresh iterator)")
+    parser.add_argument("--turns", type=int, default=8, help="pipeline: turns per configuration")
     parser.add_argument("--breakdown-batches", type=int, default=12, help="breakdown: batches measured (+1 warm-up)")
     parser.add_argument("--breakdown-plot", metavar="PATH", help="breakdown: draw a stacked bar PNG here")
     args = parser.parse_args(argv)

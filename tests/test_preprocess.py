@@ -244,6 +244,7 @@ def test_uint8_transport_survives_the_hub_export(tmp_path):
     folder = tmp_path / "nanovlm"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    assert json.loads((folder / "processor_config.json").read_text())["image_processor"]["pixel_dtype"] == "uint8"
     image = photo(200, 150, "chelsea")
     np.save(tmp_path / "image.npy", image)
     processor.image_processor.pixel_dtype = "float32"
