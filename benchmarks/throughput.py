@@ -28,8 +28,9 @@ The input pipeline (`--sections pipeline,breakdown`), on rows whose images are J
 `preprocess.py` at 640x480, 1024x768 and 1600x1200), so decoding is paid as in real training:
 
   pipeline    samples/s of `NanoVLMTrainer`'s dataloader + step with 0 vs 2 DataLoader workers and float32 vs uint8
-              pixel transport (the image processor's `pixel_dtype`); each configuration runs `--turn-batches`
-              batches from a fresh dataloader iterator (worker start-up included), configurations taking turns
+              pixel transport (the image processor's `pixel_dtype`); after 2 uncounted warm-up batches each, every
+              configuration runs `--turn-batches` batches per turn from a fresh dataloader iterator (worker
+              start-up included), configurations taking turns; reported over all turns and for the median turn
   breakdown   where a step's time goes, measured in the training process (0 workers): JPEG decode, resize +
               patchify + normalise, the rest of collation (chat template, tokenising, labels), vision tower
               (forward + backward), LM (the rest of forward + backward), optimizer (clip + AdamW step); optionally
@@ -480,6 +481,10 @@ def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, ma
                                                            "pixel_dtype": dtype, "seconds": 0.0, "samples": 0,
                                                            "batches": 0, "pixel_bytes": 0, "turn_seconds": []}
         names = list(configs)
+        for name in names:  # warm-up, not counted: first-call costs (allocator, lazy inits) of each configuration
+            c = configs[name]
+            for batch, _ in zip(c["trainer"].get_train_dataloader(), range(2)):
+                _train_step(c["trainer"], c["model"], batch)
         for turn in range(turns):
             order = names[turn % len(names):] + names[: turn % len(names)]
             for name in order:
@@ -503,12 +508,15 @@ def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, ma
         results[name] = {
             "workers": c["workers"], "pixel_dtype": c["pixel_dtype"], "batches": c["batches"], "samples": c["samples"],
             "seconds": c["seconds"], "samples_per_second": c["samples"] / c["seconds"],
+            # the median turn resists the load spikes of a shared machine better than the total
+            "median_turn_samples_per_second": c["samples"] / c["batches"] * turn_batches / median(c["turn_seconds"]),
             "pixel_mb_per_batch": c["pixel_bytes"] / c["batches"] / 2**20,
             "turn_seconds": [round(s, 3) for s in c["turn_seconds"]],
         }
-    reference = results[names[0]]["samples_per_second"]
+    reference = results[names[0]]
     for r in results.values():
-        r["vs_first"] = r["samples_per_second"] / reference
+        r["vs_first"] = r["samples_per_second"] / reference["samples_per_second"]
+        r["median_vs_first"] = r["median_turn_samples_per_second"] / reference["median_turn_samples_per_second"]
     return {"configs": results, "reference": names[0],
             "settings": {"samples": num_samples, "turn_batches": turn_batches, "turns": turns, "batch_size": batch_size,
                          "torch_threads": threads, "max_image_tokens": max_image_tokens,
@@ -650,8 +658,11 @@ def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
     if pipeline:
         s = pipeline["settings"]
         rows = [[name, c["batches"], round(c["samples_per_second"], 1), f"{c['vs_first']:.2f}x",
-                 round(c["pixel_mb_per_batch"], 2)] for name, c in pipeline["configs"].items()]
-        out.append(table(["configuration", "batches", "samples/s", f"x {pipeline['reference']}", "pixel MB/batch"],
+                 round(c["median_turn_samples_per_second"], 1), f"{c['median_vs_first']:.2f}x",
+                 f"{min(c['turn_seconds']):.1f}-{max(c['turn_seconds']):.1f}", round(c["pixel_mb_per_batch"], 2)]
+                for name, c in pipeline["configs"].items()]
+        out.append(table(["configuration", "batches", "samples/s", f"x {pipeline['reference']}",
+                          "samples/s (median turn)", "x (median)", "turn seconds", "pixel MB/batch"],
                          rows, title=f"Input pipeline: tiny model, batch {s['batch_size']}, JPEG photos "
                                      f"{s['photos']}, budget {s['max_image_tokens']}/{s['max_image_size']} px, "
                                      f"{s['turns']} turns of {s['turn_batches']} batches per configuration (fresh "
