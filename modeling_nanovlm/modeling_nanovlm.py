@@ -49,7 +49,7 @@ def normalize_pixels(pixel_values: torch.Tensor, mean, std, dtype: torch.dtype) 
         )
     mean = torch.tensor(mean, dtype=torch.float32, device=pixel_values.device)
     std = torch.tensor(std, dtype=torch.float32, device=pixel_values.device)
-    patches = pixel_values.view(pixel_values.shape[0], 3, -1).to(torch.float32)
+    patches = pixel_values.reshape(pixel_values.shape[0], 3, -1).to(torch.float32)
     patches = patches.mul_((1.0 / (255.0 * std))[:, None]).sub_((mean / std)[:, None])
     return patches.view(pixel_values.shape).to(dtype)
 

@@ -178,7 +178,7 @@ _TRANSPOSE_FOR_ORIENTATION = {
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any PIL mode to RGB (the image itself when it is RGB already), transparency composited on `background`.
 
-    Orientation is left alone: the caller applies it (after resizing, where that is cheaper).
+    EXIF orientation is left to the caller.
     """
     if image.mode == "RGB":
         return image
@@ -316,7 +316,8 @@ def _exact_draft_scale(stored_size: tuple[int, int], target_size: tuple[int, int
     return 1
 
 
-# PIL filters that torch's antialiased uint8 kernels reproduce (to within 2 levels, mean < 0.01 level).
+# PIL filters that torch's antialiased uint8 kernels reproduce: the same filter, with its own rounding between the two
+# 1-D passes (a few levels at most, a small fraction of a level on average; tests/test_preprocess.py).
 _TORCH_FILTERS = {int(PILImageResampling.BICUBIC): "bicubic", int(PILImageResampling.BILINEAR): "bilinear"}
 
 
@@ -466,7 +467,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return patches.reshape(plan.num_patches, 3 * p * p)
 
     def _normalized(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """uint8 patches to float32 `(x / 255 - mean) / std`, as one multiply-add into the output array."""
+        """uint8 patches to float32 `(x / 255 - mean) / std`: one multiply into the output array, one subtract in place."""
         p2 = self.patch_size**2
         std = np.asarray(self.image_std, np.float64)
         scale = np.repeat(1.0 / (255.0 * std), p2).astype(np.float32)
