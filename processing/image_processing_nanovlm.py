@@ -218,8 +218,11 @@ def _open_image(image) -> tuple[Image.Image, bool]:
     """(PIL image, opened here) for a PIL image, numpy array, torch tensor, path or bytes.
 
     Paths and bytes are only opened (header read, pixels not decoded), so the caller can still ask the JPEG decoder
-    for a reduced scale (`Image.draft`) before decoding.
+    for a reduced scale (`Image.draft`) before decoding. A `datasets` image entry left encoded
+    (`datasets.Image(decode=False)`: {"bytes", "path"}) is read as its bytes, else its path.
     """
+    if isinstance(image, dict) and set(image) <= {"bytes", "path"} and (image.get("bytes") or image.get("path")):
+        image = image.get("bytes") or image["path"]
     if isinstance(image, (str, os.PathLike, bytes)):
         try:
             return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), True
@@ -266,7 +269,8 @@ def _orientation(image: Image.Image) -> int:
 
 
 def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """An RGB PIL image, EXIF orientation applied, from a PIL image, numpy array, torch tensor, path or bytes.
+    """An RGB PIL image, EXIF orientation applied, from a PIL image, numpy array, torch tensor, path, bytes or an
+    encoded `datasets` image entry ({"bytes", "path"}).
 
     Raises `ImageInputError` for anything that is not a usable image: empty, corrupt, beyond PIL's
     decompression-bomb limit, or not an image at all.

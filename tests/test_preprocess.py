@@ -182,6 +182,23 @@ def test_reduced_decode_keeps_exif_orientation(orientation, monkeypatch):
         assert plan.resized_height > plan.resized_width
 
 
+def test_encoded_datasets_images_are_decoded_by_the_processor(processor):
+    """`datasets.Image(decode=False)` rows carry {"bytes", "path"}: the processor decodes them itself (at reduced
+    scale where the plan allows, in the DataLoader's workers when there are some) and gets the same pixels."""
+    datasets = pytest.importorskip("datasets")
+    data = jpeg(photo(320, 240, "rocket"))
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None}]},
+                                         features=datasets.Features({"image": datasets.Image(decode=False)}))
+    encoded = dataset[0]["image"]
+    assert isinstance(encoded, dict) and encoded["bytes"] == data
+    decoded = dataset.cast_column("image", datasets.Image())[0]["image"]
+    ip = processor.image_processor
+    np.testing.assert_array_equal(ip(encoded)["pixel_values"], ip(decoded)["pixel_values"])
+    assert load_image(encoded).size == (320, 240)
+    with pytest.raises(ValueError, match="got dict"):
+        ip({"bytes": None, "path": None})
+
+
 # --- uint8 transport ----------------------------------------------------------------------------------------------
 
 
