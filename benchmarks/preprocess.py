@@ -187,9 +187,13 @@ def fast_variants_status() -> dict:
 
 
 def build_methods(budget: int, max_image_size: int, photos: list[dict], fast: bool) -> tuple[dict, dict]:
-    from transformers import Idefics3ImageProcessorPil, Qwen2VLImageProcessorPil
-
     from processing import NanoVLMImageProcessor
+
+    try:  # the PIL backends are their own classes since transformers 5.x's torchvision-first image processors
+        from transformers import Idefics3ImageProcessorPil, Qwen2VLImageProcessorPil
+    except ImportError:
+        from transformers import Idefics3ImageProcessor as Idefics3ImageProcessorPil
+        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
     settings = {"max_image_tokens": budget, "max_image_size": max_image_size}
     ip = NanoVLMImageProcessor(**settings)
