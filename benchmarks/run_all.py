@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --quick         # smoke settings, all in this process (seconds)
     python benchmarks/run_all.py --only padding,memory
 
-Full runs also draw docs/padding.png and docs/memory.png. gpu_check needs CUDA: without it, it is skipped in full
+Full runs also draw docs/padding.png, docs/memory.png and docs/throughput_breakdown.png. gpu_check needs CUDA: without it, it is skipped in full
 runs, and in quick runs its Python part is exercised on the CPU with the tiny preset.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import DOCS, REPO_ROOT  # noqa: E402
 
-BENCHMARKS = ("padding", "throughput", "memory", "generate", "gpu_check")
+BENCHMARKS = ("padding", "throughput", "preprocess", "memory", "generate", "gpu_check")
 
 
 def arguments(name: str, quick: bool, results: Path, cuda: bool) -> list[str] | None:
@@ -41,6 +41,8 @@ def arguments(name: str, quick: bool, results: Path, cuda: bool) -> list[str] | 
         args += ["--plot", str(DOCS / "padding.png")]
     elif name == "memory":
         args += ["--plot", str(DOCS / "memory.png")]
+    elif name == "throughput":
+        args += ["--breakdown-plot", str(DOCS / "throughput_breakdown.png")]
     elif name == "gpu_check":
         if not cuda:
             return None

@@ -24,12 +24,26 @@ Also reported: image tokens per image of nanoVLM's plan vs upstream nanoVLM's sc
 side resized to 2048, 512-px tiles + one global view, 64 tokens each), for the same image mix (this run's small
 images and the full-size mix of `padding.py`).
 
+The input pipeline (`--sections pipeline,breakdown`), on rows whose images are JPEG photos (bytes; the photos of
+`preprocess.py` at 640x480, 1024x768 and 1600x1200), so decoding is paid as in real training:
+
+  pipeline    samples/s of `NanoVLMTrainer`'s dataloader + step with 0 vs 2 DataLoader workers and float32 vs uint8
+              pixel transport (the image processor's `pixel_dtype`); after 2 uncounted warm-up batches each, every
+              configuration runs `--turn-batches` batches per turn from a fresh dataloader iterator (worker
+              start-up included), configurations taking turns; reported over all turns and for the median turn
+  breakdown   where a step's time goes, measured in the training process (0 workers): JPEG decode, resize +
+              patchify + normalise, the rest of collation (chat template, tokenising, labels), vision tower
+              (forward + backward), LM (the rest of forward + backward), optimizer (clip + AdamW step); optionally
+              drawn as a stacked bar (`--breakdown-plot docs/throughput_breakdown.png`)
+
     python benchmarks/throughput.py [--samples 1600] [--window 4] [--pad-batches 16] [--json PATH]
+    python benchmarks/throughput.py --sections pipeline,breakdown [--breakdown-plot PATH]
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections import deque
@@ -373,8 +387,308 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The input pipeline: workers, uint8 transport, and where a step's time goes
+# --------------------------------------------------------------------------------------------------------------
+
+PIPELINE_SIZES = ((640, 480), (1024, 768), (1600, 1200))
+
+
+class PhotoRows:
+    """Rows {"image": JPEG bytes, "prompt", "answer"}: the benchmark photos, cycled, with the mix's text lengths."""
+
+    def __init__(self, num_samples: int, tokens_per_word: float, seed: int, quick: bool):
+        from preprocess import encoded_photos
+
+        self.photo_sizes = PIPELINE_SIZES[:2] if quick else PIPELINE_SIZES
+        photos = encoded_photos(2 if quick else None, self.photo_sizes)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(num_samples) % len(photos)
+        self.images = [photos[i]["bytes"] for i in order]
+        self.sizes = [(photos[i]["height"], photos[i]["width"]) for i in order]
+        mix = training_mix(num_samples, seed=seed, text_scale=0.25)
+        self.prompts = [" ".join(rng.choice(WORDS, max(1, round(q / tokens_per_word)))) + "?"
+                        for q in mix["question_lengths"]]
+        self.answers = [" ".join(rng.choice(WORDS, max(1, round(a / tokens_per_word)))) for a in mix["answer_lengths"]]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "prompt": self.prompts[index], "answer": self.answers[index]}
+
+
+def _pipeline_processor(tokenizer, pixel_dtype: str, max_image_tokens: int, max_image_size: int):
+    from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+    return NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+                                                  pixel_dtype=pixel_dtype), tokenizer)
+
+
+def _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, workers, output_dir):
+    from transformers import TrainingArguments
+
+    from modeling_nanovlm import NanoVLMTrainer
+    from processing import BucketBatchSampler
+
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", seed=seed, dataloader_num_workers=workers,
+        max_grad_norm=1.0,
+    )
+    sampler = BucketBatchSampler(rows.sizes, text_lengths, processor.image_processor, batch_size=batch_size, seed=seed)
+    trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
+                             batch_sampler=sampler, auto_workers=False)
+    trainer.create_optimizer()
+    return trainer
+
+
+def _train_step(trainer, model, batch):
+    loss = trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
+    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, max_image_tokens, max_image_size, lr,
+                 quick, workers_list=(0, 2), dtypes=("float32", "uint8")):
+    """samples/s for every (workers, pixel dtype): fresh iterator per turn, `turn_batches` batches, turns rotating."""
+    import copy
+
+    import torch
+
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
+    from processing.offline_tokenizer import build_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    rows = PhotoRows(num_samples, tokens_per_word(tokenizer), seed, quick)
+    processors = {d: _pipeline_processor(tokenizer, d, max_image_tokens, max_image_size) for d in dtypes}
+    collator = NanoVLMCollator(processors[dtypes[0]])
+    text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
+    torch.manual_seed(seed)
+    base = NanoVLMForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
+    configs = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for workers in workers_list:
+            for dtype in dtypes:
+                model = copy.deepcopy(base)
+                trainer = _pipeline_trainer(model, rows, processors[dtype], text_lengths, batch_size, seed, lr, workers,
+                                            output_dir)
+                configs[f"{workers} workers, {dtype}"] = {"trainer": trainer, "model": model, "workers": workers,
+                                                           "pixel_dtype": dtype, "seconds": 0.0, "samples": 0,
+                                                           "batches": 0, "pixel_bytes": 0, "turn_seconds": []}
+        names = list(configs)
+        for name in names:  # warm-up, not counted: first-call costs (allocator, lazy inits) of each configuration
+            c = configs[name]
+            for batch, _ in zip(c["trainer"].get_train_dataloader(), range(2)):
+                _train_step(c["trainer"], c["model"], batch)
+        for turn in range(turns):
+            order = names[turn % len(names):] + names[: turn % len(names)]
+            for name in order:
+                c = configs[name]
+                start = time.perf_counter()
+                iterator = iter(c["trainer"].get_train_dataloader())
+                for _ in range(turn_batches):
+                    batch = next(iterator, None)
+                    if batch is None:
+                        break
+                    _train_step(c["trainer"], c["model"], batch)
+                    c["samples"] += len(batch["input_ids"])
+                    c["batches"] += 1
+                    c["pixel_bytes"] += batch["pixel_values"].nbytes
+                del iterator  # shuts its workers down; counted, as an epoch's start-up is
+                seconds = time.perf_counter() - start
+                c["seconds"] += seconds
+                c["turn_seconds"].append(seconds)
+    results = {}
+    for name, c in configs.items():
+        results[name] = {
+            "workers": c["workers"], "pixel_dtype": c["pixel_dtype"], "batches": c["batches"], "samples": c["samples"],
+            "seconds": c["seconds"], "samples_per_second": c["samples"] / c["seconds"],
+            # the median turn resists the load spikes of a shared machine better than the total
+            "median_turn_samples_per_second": c["samples"] / c["batches"] * turn_batches / median(c["turn_seconds"]),
+            "pixel_mb_per_batch": c["pixel_bytes"] / c["batches"] / 2**20,
+            "turn_seconds": [round(s, 3) for s in c["turn_seconds"]],
+        }
+    reference = results[names[0]]
+    for r in results.values():
+        r["vs_first"] = r["samples_per_second"] / reference["samples_per_second"]
+        r["median_vs_first"] = r["median_turn_samples_per_second"] / reference["median_turn_samples_per_second"]
+    return {"configs": results, "reference": names[0],
+            "settings": {"samples": num_samples, "turn_batches": turn_batches, "turns": turns, "batch_size": batch_size,
+                         "torch_threads": threads, "max_image_tokens": max_image_tokens,
+                         "max_image_size": max_image_size, "photos": ", ".join(f"{w}x{h}" for w, h in rows.photo_sizes),
+                         "cpus": os.cpu_count(), "load_average": _load_average()}}
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class _Timer:
+    """Adds the seconds spent in a block to `totals[key]`."""
+
+    def __init__(self, totals: dict, key: str):
+        self.totals, self.key = totals, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.totals[self.key] = self.totals.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
+def _timed_image_processor(totals: dict, **settings):
+    """A NanoVLMImageProcessor that adds its decode time and its whole time to `totals`."""
+    from processing import NanoVLMImageProcessor
+
+    class TimedImageProcessor(NanoVLMImageProcessor):
+        def _decoded(self, raw, overrides):
+            with _Timer(totals, "decode"):
+                return super()._decoded(raw, overrides)
+
+        def preprocess(self, images, return_tensors=None, **overrides):
+            with _Timer(totals, "image_processor"):
+                return super().preprocess(images, return_tensors=return_tensors, **overrides)
+
+    return TimedImageProcessor(**settings)
+
+
+def run_breakdown(num_batches, batch_size, seed, threads, max_image_tokens, max_image_size, lr, quick,
+                  dtypes=("float32", "uint8")):
+    """Seconds per sample of each part of a training step, in the training process, for each pixel dtype."""
+    import torch
+
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
+    from processing import NanoVLMProcessor
+    from processing.offline_tokenizer import build_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    rows = PhotoRows(num_batches * batch_size, tokens_per_word(tokenizer), seed, quick)
+    out = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for dtype in dtypes:
+            totals = {}
+            ip = _timed_image_processor(totals, max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+                                        pixel_dtype=dtype)
+            processor = NanoVLMProcessor(ip, tokenizer)
+            collator = NanoVLMCollator(processor)
+            text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
+            torch.manual_seed(seed)
+            model = NanoVLMForConditionalGeneration(
+                tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id))
+            trainer = _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, 0, output_dir)
+            samples = 0
+            for index, indices in enumerate(trainer.train_batch_sampler):
+                if index == 0:  # warm-up batch, not counted
+                    _train_step(trainer, model, trainer._prepare_inputs(collator([rows[i] for i in indices])))
+                    totals.clear()
+                    continue
+                with _Timer(totals, "collate_total"):
+                    batch = collator([rows[i] for i in indices])
+                batch = trainer._prepare_inputs(batch)
+                with _Timer(totals, "tower"):
+                    features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"],
+                                                        batch["image_token_hw"], batch["image_shuffle_factor"])
+                    features.float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+                with _Timer(totals, "step_forward_backward"):
+                    trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
+                with _Timer(totals, "optimizer"):
+                    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+                    trainer.optimizer.step()
+                    model.zero_grad(set_to_none=True)
+                samples += len(indices)
+            parts = {
+                "decode": totals["decode"],
+                "resize + patchify + normalise": totals["image_processor"] - totals["decode"],
+                "collate (text, labels)": totals["collate_total"] - totals["image_processor"],
+                "vision tower (fwd + bwd)": totals["tower"],
+                "LM + connector (fwd + bwd)": max(0.0, totals["step_forward_backward"] - totals["tower"]),
+                "optimizer": totals["optimizer"],
+            }
+            total = sum(parts.values())
+            out[dtype] = {
+                "samples": samples,
+                "ms_per_sample": {k: 1000 * v / samples for k, v in parts.items()},
+                "share": {k: v / total for k, v in parts.items()},
+                "total_ms_per_sample": 1000 * total / samples,
+            }
+    return {"by_pixel_dtype": out,
+            "settings": {"batches": num_batches, "batch_size": batch_size, "torch_threads": threads,
+                         "max_image_tokens": max_image_tokens, "max_image_size": max_image_size,
+                         "model": "tiny_config, fp32, CPU", "load_average": _load_average(),
+                         "note": "the tower is timed on its own (forward + backward of its features); LM + connector "
+                                 "is the full step's forward + backward minus that"}}
+
+
+def plot_breakdown(breakdown: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_dtype = breakdown["by_pixel_dtype"]
+    parts = list(next(iter(by_dtype.values()))["ms_per_sample"])
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(by_dtype)))
+    for row, (dtype, figures) in enumerate(by_dtype.items()):
+        left = 0.0
+        for index, part in enumerate(parts):
+            value = figures["ms_per_sample"][part]
+            ax.barh(row, value, left=left, color=f"C{index}", label=part if row == 0 else None)
+            left += value
+    ax.set_yticks(range(len(by_dtype)), [f"pixels {d}" for d in by_dtype])
+    ax.set_xlabel("ms per training sample (tiny model, CPU, 0 workers)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
+    out = []
+    if pipeline:
+        s = pipeline["settings"]
+        rows = [[name, c["batches"], round(c["samples_per_second"], 1), f"{c['vs_first']:.2f}x",
+                 round(c["median_turn_samples_per_second"], 1), f"{c['median_vs_first']:.2f}x",
+                 f"{min(c['turn_seconds']):.1f}-{max(c['turn_seconds']):.1f}", round(c["pixel_mb_per_batch"], 2)]
+                for name, c in pipeline["configs"].items()]
+        out.append(table(["configuration", "batches", "samples/s", f"x {pipeline['reference']}",
+                          "samples/s (median turn)", "x (median)", "turn seconds", "pixel MB/batch"],
+                         rows, title=f"Input pipeline: tiny model, batch {s['batch_size']}, JPEG photos "
+                                     f"{s['photos']}, budget {s['max_image_tokens']}/{s['max_image_size']} px, "
+                                     f"{s['turns']} turns of {s['turn_batches']} batches per configuration (fresh "
+                                     f"iterator each), {s['torch_threads']} torch thread(s), {s['cpus']} CPUs, "
+                                     f"load {s['load_average']}"))
+    if breakdown:
+        by_dtype = breakdown["by_pixel_dtype"]
+        parts = list(next(iter(by_dtype.values()))["ms_per_sample"])
+        rows = [[part, *[x for d in by_dtype.values() for x in (round(d["ms_per_sample"][part], 2),
+                                                                   f"{100 * d['share'][part]:.1f} %")]]
+                for part in parts]
+        rows.append(["total", *[x for d in by_dtype.values() for x in (round(d["total_ms_per_sample"], 2), "100 %")]])
+        headers = ["part", *[h for dtype in by_dtype for h in (f"{dtype} ms/sample", f"{dtype} share")]]
+        s = breakdown["settings"]
+        out.append("")
+        out.append(table(headers, rows, title=f"Where a training step's time goes (0 workers, in the training "
+                                              f"process; {s['batches']} batches of {s['batch_size']}, load "
+                                              f"{s['load_average']})"))
+    return "\n".join(out)
+
+
 def main(argv=None):
     parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="strategies,pipeline,breakdown",
+                        help="comma-separated, from strategies (batching strategies), pipeline (workers x pixel "
+                             "dtype), breakdown (time per part of a step)")
     parser.add_argument("--samples", type=int, default=1600, help="rows in the data set: one epoch per strategy")
     parser.add_argument("--window", type=int, default=4, help="batches per window before the next strategy's turn")
     parser.add_argument("--pad-batches", type=int, default=16,
@@ -388,14 +702,39 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--strategies", default="ours,random,pad-to-max",
                         help="comma-separated, from ours, ours+snap, random, pad-to-max")
+    parser.add_argument("--turn-batches", type=int, default=8, help="pipeline: batches per turn (fresh iterator)")
+    parser.add_argument("--turns", type=int, default=8, help="pipeline: turns per configuration")
+    parser.add_argument("--breakdown-batches", type=int, default=12, help="breakdown: batches measured (+1 warm-up)")
+    parser.add_argument("--breakdown-plot", metavar="PATH", help="breakdown: draw a stacked bar PNG here")
     args = parser.parse_args(argv)
+    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+    unknown = sections - {"strategies", "pipeline", "breakdown"}
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}")
     if args.quick:
         args.samples, args.window, args.pad_batches, args.batch_size = 32, 2, 2, 8
-    names = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    figures = run(args.samples, args.window, args.pad_batches, args.batch_size, args.seed, args.threads,
-                  args.image_scale, args.text_scale, args.max_image_tokens, args.max_image_size, args.lr, names,
-                  full_mix_samples=1000 if args.quick else 20000)
-    print(report(figures))
+        args.turn_batches, args.turns, args.breakdown_batches = 2, 1, 2
+    figures = {"benchmark": "throughput"}
+    printed = []
+    if "strategies" in sections:
+        names = [name.strip() for name in args.strategies.split(",") if name.strip()]
+        figures.update(run(args.samples, args.window, args.pad_batches, args.batch_size, args.seed, args.threads,
+                           args.image_scale, args.text_scale, args.max_image_tokens, args.max_image_size, args.lr,
+                           names, full_mix_samples=1000 if args.quick else 20000))
+        printed.append(report(figures))
+    if "pipeline" in sections:
+        figures["pipeline"] = run_pipeline(args.turn_batches * args.batch_size, args.turn_batches, args.turns,
+                                           args.batch_size, args.seed, args.threads, args.max_image_tokens,
+                                           args.max_image_size, args.lr, args.quick)
+    if "breakdown" in sections:
+        figures["breakdown"] = run_breakdown(args.breakdown_batches + 1, args.batch_size, args.seed, args.threads,
+                                             args.max_image_tokens, args.max_image_size, args.lr, args.quick)
+        if args.breakdown_plot:
+            plot_breakdown(figures["breakdown"], args.breakdown_plot)
+    if sections & {"pipeline", "breakdown"}:
+        printed.append(pipeline_report(figures.get("pipeline"), figures.get("breakdown")))
+    figures.setdefault("environment", environment())
+    print("\n\n".join(printed))
     write_json(args.json, figures)
     return figures
 

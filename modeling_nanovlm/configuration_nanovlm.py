@@ -19,6 +19,8 @@ class NanoVLMConfig(PreTrainedConfig):
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
     projector_hidden_act (`str`): activation of the two-layer projection MLP.
+    image_mean / image_std (`list[float]`): the image processor's normalisation (ImageNet's, as DINOv3 uses);
+        the model applies it to uint8 `pixel_values` (the processor's `pixel_dtype="uint8"`).
     """
 
     model_type = "nanovlm"
@@ -39,6 +41,8 @@ class NanoVLMConfig(PreTrainedConfig):
     vision_rope_augmentation: bool = False
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
+    image_mean: list[float] | tuple[float, ...] | None = (0.485, 0.456, 0.406)
+    image_std: list[float] | tuple[float, ...] | None = (0.229, 0.224, 0.225)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -39,6 +39,24 @@ IMAGE_TOKEN = "<image>"
 PLAN_INPUTS = ("image_grid_hw", "image_token_hw", "image_shuffle_factor")
 
 
+def normalize_pixels(pixel_values: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 patches (P, 3 * p * p), channel-first inside each patch, to `(x / 255 - mean) / std` in `dtype`.
+
+    The image processor's `pixel_dtype="uint8"` sends pixels this way (4x fewer bytes to the device); the arithmetic
+    runs in float32 on the pixels' device, as the processor's float32 path does, then casts.
+    """
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        raise ValueError(
+            f"uint8 pixel_values need the image processor's mean and std, but the model config has image_mean={mean!r}, "
+            f"image_std={std!r}; set config.image_mean / config.image_std to the processor's (3 values each)"
+        )
+    mean = torch.tensor(mean, dtype=torch.float32, device=pixel_values.device)
+    std = torch.tensor(std, dtype=torch.float32, device=pixel_values.device)
+    patches = pixel_values.reshape(pixel_values.shape[0], 3, -1).to(torch.float32)
+    patches = patches.mul_((1.0 / (255.0 * std))[:, None]).sub_((mean / std)[:, None])
+    return patches.view(pixel_values.shape).to(dtype)
+
+
 def pixel_shuffle(x: torch.Tensor, grid_height: int, grid_width: int, factor: int) -> torch.Tensor:
     """Space-to-depth on a rectangular grid: (B, Gh*Gw, D) -> (B, Gh*Gw/s^2, D*s^2).
 
@@ -271,6 +289,9 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         image_shuffle_factor: torch.Tensor,
     ) -> torch.Tensor:
         """(total image tokens, text hidden) features, image after image in input order."""
+        if pixel_values.dtype == torch.uint8:  # the processor's pixel_dtype="uint8": normalise on this device
+            config = self.config
+            pixel_values = normalize_pixels(pixel_values, config.image_mean, config.image_std, self.vision_tower.dtype)
         if image_grid_hw is None or image_token_hw is None or image_shuffle_factor is None:
             raise ValueError(
                 "pixel_values need their plan: pass image_grid_hw, image_token_hw and image_shuffle_factor "

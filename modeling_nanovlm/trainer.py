@@ -34,6 +34,14 @@ class NanoVLMTrainer(Trainer):
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
         wraps the sampler twice then, and the stock Trainer reaches one level only);
+      - DataLoader workers by default: when `args.dataloader_num_workers` is left at 0 and `auto_workers=True` (the
+        default), the train DataLoader uses `default_dataloader_workers()` workers (min(4, CPUs per process - 1),
+        0 on a machine with 2 or fewer CPUs per process, where workers measured slower than none), with the stock
+        `prefetch_factor` (2) unless `args.dataloader_prefetch_factor` is set. A nonzero
+        `dataloader_num_workers` is used as given; `auto_workers=False` keeps 0. Batches, losses and resume are
+        the same with any number of workers (the sampler decides the batches; the collator has no randomness).
+        Workers start at every epoch, after the sampler's (and a dataset's) `set_epoch`; with
+        `dataloader_persistent_workers=True` they would keep the dataset as it was in the first epoch;
       - checkpoints are loaded back through `from_pretrained`: `save_pretrained` writes the vision tower's keys in
         DINOv3's original layout, and the stock resume path loads keys as they are on disk, silently leaving the
         tower's layers untrained (huggingface/transformers#43701, open in 5.24).
@@ -48,6 +56,7 @@ class NanoVLMTrainer(Trainer):
         batch_sampler=None,
         max_tokens_per_batch: int | None = None,
         stream_buffer_size: int = 1024,
+        auto_workers: bool = True,
         **kwargs,
     ):
         processor = kwargs.get("processing_class")
@@ -70,6 +79,7 @@ class NanoVLMTrainer(Trainer):
         self.stream_buffer_size = stream_buffer_size
         self.train_stream = None  # the StreamingBucketBatches, when the train dataset is streamed
         self._stream_resume_batches = 0
+        self.auto_workers = auto_workers
         self.add_callback(_SamplerEpochCallback(self))
 
     def build_train_batch_sampler(self):
@@ -110,17 +120,21 @@ class NanoVLMTrainer(Trainer):
                 f"{self.args.world_size} processes; samples would be repeated or processes would get unequal batches"
             )
         args = self.args
+        num_workers = args.dataloader_num_workers
+        if num_workers == 0 and self.auto_workers:
+            num_workers = default_dataloader_workers()
+            logger.info(f"NanoVLMTrainer: {num_workers} DataLoader worker(s) (auto_workers; set dataloader_num_workers)")
         dataloader = DataLoader(
             self.train_dataset,
             batch_sampler=sampler,
             collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers,
+            num_workers=num_workers,
             pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers,
             multiprocessing_context=args.dataloader_multiprocessing_context,
-            prefetch_factor=args.dataloader_prefetch_factor,
+            prefetch_factor=args.dataloader_prefetch_factor if num_workers else None,
             in_order=args.dataloader_in_order,
-            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+            worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
         )
         return self.accelerator.prepare(dataloader)
 
@@ -272,6 +286,21 @@ class _EndlessStream(IterableDataset):
         return iter(self.stream)
 
 
+def default_dataloader_workers(cpus: int | None = None, processes_per_node: int | None = None) -> int:
+    """DataLoader workers for one training process: min(4, its CPUs - 1), and 0 with 2 CPUs or fewer.
+
+    The CPUs available to this process (its affinity) are shared by the processes on this node (`LOCAL_WORLD_SIZE`,
+    set by torchrun and accelerate). One CPU is left to the training loop; with 2 or fewer, workers only compete
+    with it (measured slower than loading in the training process: benchmarks/throughput.py).
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if processes_per_node is None:
+        processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    per_process = cpus // max(1, processes_per_node)
+    return 0 if per_process <= 2 else min(4, per_process - 1)
+
+
 class _SamplerEpochCallback(TrainerCallback):
     """Sets the batch sampler's epoch when an epoch begins.
 
@@ -289,4 +318,4 @@ class _SamplerEpochCallback(TrainerCallback):
             sampler.set_epoch(math.floor(state.epoch or 0))
 
 
-__all__ = ["NanoVLMTrainer"]
+__all__ = ["NanoVLMTrainer", "default_dataloader_workers"]

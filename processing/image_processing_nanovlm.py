@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +18,15 @@ from PIL import Image, ImageOps
 
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.utils import is_torch_available
+
+if is_torch_available():
+    import torch
+else:  # the processor works without torch; resizing then runs in PIL
+    torch = None
 
 CONNECTOR_MODES = ("shuffle", "perceiver")
+PIXEL_DTYPES = ("float32", "uint8")
 
 
 class ImageInputError(ValueError):
@@ -156,9 +164,24 @@ def plan_image(
     return ImagePlan(resized_h, resized_w, grid_h, grid_w, s, token_h, token_w)
 
 
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any PIL mode to RGB: EXIF orientation applied, transparency composited on `background`."""
-    image = ImageOps.exif_transpose(image)
+    """Any PIL mode to RGB (the image itself when it is RGB already), transparency composited on `background`.
+
+    EXIF orientation is left to the caller.
+    """
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
@@ -195,29 +218,32 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """An RGB PIL image from a PIL image, numpy array, torch tensor, path or bytes.
+def _open_image(image) -> tuple[Image.Image, bool]:
+    """(PIL image, opened here) for a PIL image, numpy array, torch tensor, path or bytes.
 
-    Raises `ImageInputError` for anything that is not a usable image: empty, corrupt, beyond PIL's
-    decompression-bomb limit, or not an image at all.
+    Paths and bytes are only opened (header read, pixels not decoded), so the caller can still ask the JPEG decoder
+    for a reduced scale (`Image.draft`) before decoding. A `datasets` image entry left encoded
+    (`datasets.Image(decode=False)`: {"bytes", "path"}) is read as its bytes, else its path.
     """
+    if isinstance(image, dict) and set(image) <= {"bytes", "path"} and (image.get("bytes") or image.get("path")):
+        image = image.get("bytes") or image["path"]
     if isinstance(image, (str, os.PathLike, bytes)):
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
         try:
-            with Image.open(source) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)  # a loaded copy that outlives the file
+            return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), True
         except Image.DecompressionBombError as error:
             raise ImageInputError(f"image is larger than PIL's decompression-bomb limit: {error}") from error
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageInputError(f"cannot decode image: {error}") from error
-    elif type(image).__module__.startswith("torch"):
-        image = _array_to_pil(image.detach().cpu().numpy())
-    elif isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    elif not isinstance(image, Image.Image):
+    if type(image).__module__.startswith("torch"):
+        return _array_to_pil(image.detach().cpu().numpy()), True
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image), True
+    if not isinstance(image, Image.Image):
         raise ImageInputError(f"expected a PIL image, array, tensor, path or bytes, got {type(image).__name__}")
-    width, height = image.size
+    return image, False
+
+
+def _check_size(width: int, height: int):
     if width < 1 or height < 1:
         raise ImageInputError(f"image has zero size ({width}x{height})")
     if Image.MAX_IMAGE_PIXELS is not None and width * height > 2 * Image.MAX_IMAGE_PIXELS:
@@ -225,7 +251,40 @@ def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Ima
             f"image of {width}x{height} pixels is beyond PIL's decompression-bomb limit "
             f"({2 * Image.MAX_IMAGE_PIXELS} pixels); resize it first or raise PIL.Image.MAX_IMAGE_PIXELS"
         )
-    return _to_rgb(image, background)
+
+
+def _decode(image: Image.Image, opened_here: bool) -> Image.Image:
+    """Decode the pixels of an image `_open_image` returned; the file of a path is closed either way."""
+    try:
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"image is larger than PIL's decompression-bomb limit: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageInputError(f"cannot decode image: {error}") from error
+    finally:
+        if opened_here and getattr(image, "fp", None) is not None and getattr(image, "_exclusive_fp", False):
+            image.fp.close()
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation (1-8) of a decoded image; 1 when it has none."""
+    return image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+
+
+def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An RGB PIL image, EXIF orientation applied, from a PIL image, numpy array, torch tensor, path, bytes or an
+    encoded `datasets` image entry ({"bytes", "path"}).
+
+    Raises `ImageInputError` for anything that is not a usable image: empty, corrupt, beyond PIL's
+    decompression-bomb limit, or not an image at all.
+    """
+    opened, opened_here = _open_image(image)
+    _check_size(*opened.size)
+    decoded = _decode(opened, opened_here)
+    if _orientation(decoded) != 1:
+        decoded = ImageOps.exif_transpose(decoded)  # a transposed copy, orientation tag removed
+    return _to_rgb(decoded, background)
 
 
 def _header_orientation(image: Image.Image) -> int:
@@ -252,6 +311,43 @@ def image_size(image) -> tuple[int, int]:
     return height, width
 
 
+def _exact_draft_scale(stored_size: tuple[int, int], target_size: tuple[int, int]) -> int:
+    """The largest JPEG decode scale 1/s (s in 8, 4, 2) that keeps each side >= the target and divides it exactly.
+
+    An exact division keeps the reduced image's geometry that of the full one (no partial last row or column);
+    1 means a full decode.
+    """
+    (width, height), (target_width, target_height) = stored_size, target_size
+    for scale in (8, 4, 2):
+        if width % scale == 0 and height % scale == 0 and width // scale >= target_width and height // scale >= target_height:
+            return scale
+    return 1
+
+
+# PIL filters that torch's antialiased uint8 kernels reproduce: the same filter, with its own rounding between the two
+# 1-D passes (a few levels at most, a small fraction of a level on average; tests/test_preprocess.py).
+_TORCH_FILTERS = {int(PILImageResampling.BICUBIC): "bicubic", int(PILImageResampling.BILINEAR): "bilinear"}
+
+
+def _resize_rgb(image: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:
+    """An RGB image resized to `size` = (height, width) as (3, height, width) uint8 pixels.
+
+    Bicubic and bilinear run in torch's antialiased uint8 kernels when torch is installed (several times faster
+    than PIL's on one core); other filters, and machines without torch, use PIL. No resize when the size is kept.
+    """
+    height, width = size
+    if (image.height, image.width) != (height, width) and (torch is None or resample not in _TORCH_FILTERS):
+        image = image.resize((width, height), resample=resample)
+    pixels = np.asarray(image).transpose(2, 0, 1)  # a channel-first view, no copy
+    if pixels.shape[1:] == (height, width):
+        return pixels
+    with warnings.catch_warnings():  # PIL's pixels are read-only; interpolate only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        batch = torch.from_numpy(pixels).unsqueeze(0)
+    resized = torch.nn.functional.interpolate(batch, size=(height, width), mode=_TORCH_FILTERS[resample], antialias=True)
+    return resized[0].numpy()
+
+
 class NanoVLMImageProcessor(BaseImageProcessor):
     r"""Resizes each image to its own plan (aspect kept, under the image-token budget) and flattens it to patches.
 
@@ -263,6 +359,16 @@ class NanoVLMImageProcessor(BaseImageProcessor):
 
     Every plan field can be overridden per call: `processor(images, max_image_tokens=256)`. With
     `snap_sizes` (and `snap_aspect_ratios`) images snap to a few exact shapes, one per bucket (see `plan_image`).
+
+    `pixel_dtype` chooses how pixels travel to the model:
+        "float32" (default)  normalised with `image_mean` / `image_std` here;
+        "uint8"              the resized RGB bytes, 4x fewer bytes through the DataLoader, pinned memory and the
+                             host-to-device copy; the model normalises them on its own device with its config's
+                             `image_mean` / `image_std` (which must equal this processor's).
+    `reduced_jpeg_decode` (default True): a JPEG path or bytes whose plan shrinks it 2x or more is decoded at 1/2,
+    1/4 or 1/8 scale (never below the planned size; `PIL.Image.draft`) before the resize: most of a large photo's
+    decode time saved, pixels within resampling tolerance of a full decode. The plan always comes from the
+    image's full size.
     """
 
     model_input_names = ["pixel_values", "image_grid_hw", "image_token_hw", "image_shuffle_factor"]
@@ -291,6 +397,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD,
         resample: int = PILImageResampling.BICUBIC,
         background_color: list[int] | tuple[int, ...] = (255, 255, 255),
+        pixel_dtype: str = "float32",
+        reduced_jpeg_decode: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -306,6 +414,14 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std)
         self.resample = int(resample)
         self.background_color = list(background_color)
+        if pixel_dtype not in PIXEL_DTYPES:
+            raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
+        self.pixel_dtype = pixel_dtype
+        self.reduced_jpeg_decode = bool(reduced_jpeg_decode)
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(
+                f"image_mean and image_std need one value per RGB channel (std > 0), got {self.image_mean}, {self.image_std}"
+            )
         self.plan(self.max_image_size, self.max_image_size)  # fail at construction on a bad setting
 
     def plan(self, height: int, width: int, **overrides) -> ImagePlan:
@@ -323,36 +439,80 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         """Exact number of image tokens for an image of `height` x `width` (no pixels needed)."""
         return self.plan(height, width, **overrides).num_tokens
 
-    def _pixels(self, image: Image.Image, plan: ImagePlan) -> np.ndarray:
-        """Resized, normalised (C, H, W) float32 pixels flattened to (patches, C * p * p) in row-major order."""
-        resized = image.resize((plan.resized_width, plan.resized_height), resample=self.resample)
-        pixels = np.asarray(resized, dtype=np.float32) / 255.0
-        pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+    def _decoded(self, raw, overrides: dict) -> tuple[Image.Image, ImagePlan]:
+        """One input image decoded, turned upright (EXIF) and converted to RGB, with its plan.
+
+        The plan always comes from the full, EXIF-oriented size, also when the JPEG is decoded at reduced scale.
+        """
+        opened, opened_here = _open_image(raw)
+        stored_width, stored_height = opened.size
+        _check_size(stored_width, stored_height)
+        if opened_here and self.reduced_jpeg_decode and opened.format in ("JPEG", "MPO"):
+            turned = _header_orientation(opened) in (5, 6, 7, 8)
+            plan = self.plan(*((stored_width, stored_height) if turned else (stored_height, stored_width)), **overrides)
+            target = (plan.resized_height, plan.resized_width) if turned else (plan.resized_width, plan.resized_height)
+            scale = _exact_draft_scale((stored_width, stored_height), target)
+            if scale > 1:
+                opened.draft(None, (stored_width // scale, stored_height // scale))
+        decoded = _decode(opened, opened_here)
+        orientation = _orientation(decoded)
+        turned = orientation in (5, 6, 7, 8)
+        plan = self.plan(*((stored_width, stored_height) if turned else (stored_height, stored_width)), **overrides)
+        image = _to_rgb(decoded, tuple(self.background_color))
+        if orientation in _TRANSPOSE_FOR_ORIENTATION:
+            image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+        return image, plan
+
+    def _resized(self, raw, overrides: dict) -> tuple[np.ndarray, ImagePlan]:
+        """One input image at its planned size: ((3, H, W) uint8 pixels, plan)."""
+        image, plan = self._decoded(raw, overrides)
+        return _resize_rgb(image, (plan.resized_height, plan.resized_width), self.resample), plan
+
+    def _patches(self, pixels: np.ndarray, plan: ImagePlan) -> np.ndarray:
+        """(3, H, W) uint8 pixels to (patches, 3 * p * p) uint8: patches row-major, each one channel-first."""
         p = self.patch_size
-        patches = pixels.reshape(plan.grid_height, p, plan.grid_width, p, 3).transpose(0, 2, 4, 1, 3)
+        patches = pixels.reshape(3, plan.grid_height, p, plan.grid_width, p).transpose(1, 3, 0, 2, 4)
         return patches.reshape(plan.num_patches, 3 * p * p)
 
+    def _normalized(self, chunks: list[np.ndarray]) -> np.ndarray:
+        """uint8 patches to float32 `(x / 255 - mean) / std`: one multiply into the output array, one subtract in place."""
+        p2 = self.patch_size**2
+        std = np.asarray(self.image_std, np.float64)
+        scale = np.repeat(1.0 / (255.0 * std), p2).astype(np.float32)
+        shift = np.repeat(np.asarray(self.image_mean, np.float64) / std, p2).astype(np.float32)
+        out = np.empty((sum(len(chunk) for chunk in chunks), 3 * p2), np.float32)
+        start = 0
+        for chunk in chunks:
+            rows = out[start : start + len(chunk)]
+            np.multiply(chunk, scale, out=rows)
+            rows -= shift
+            start += len(chunk)
+        return out
+
     def preprocess(self, images, return_tensors=None, **overrides) -> BatchFeature:
-        """Plan, resize, normalise and patchify a list of images (or one image)."""
+        """Plan, resize and patchify a list of images (or one image); normalise them unless `pixel_dtype="uint8"`."""
         if images is None:
             raise ImageInputError("no images given")
         if not isinstance(images, (list, tuple)):
             images = [images]
         if images and isinstance(images[0], (list, tuple)):
             images = [image for sample in images for image in sample]
-        pixel_chunks, grids, token_grids, factors = [], [], [], []
+        patch_chunks, grids, token_grids, factors = [], [], [], []
         for index, raw in enumerate(images):
             try:
-                image = load_image(raw, tuple(self.background_color))
+                pixels, plan = self._resized(raw, overrides)
             except ImageInputError as error:
                 raise ImageInputError(f"image {index}: {error}", image_index=index) from error
-            plan = self.plan(image.height, image.width, **overrides)
-            pixel_chunks.append(self._pixels(image, plan))
+            patch_chunks.append(self._patches(pixels, plan))
             grids.append((plan.grid_height, plan.grid_width))
             token_grids.append((plan.token_height, plan.token_width))
             factors.append(plan.shuffle_factor)
+        if self.pixel_dtype == "uint8":
+            pixel_values = np.concatenate(patch_chunks) if patch_chunks else np.zeros((0, 3 * self.patch_size**2), np.uint8)
+        else:
+            pixel_values = self._normalized(patch_chunks)
         data = {
-            "pixel_values": np.concatenate(pixel_chunks) if pixel_chunks else np.zeros((0, 3 * self.patch_size**2), np.float32),
+            "pixel_values": pixel_values,
             "image_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
             "image_token_hw": np.asarray(token_grids, dtype=np.int64).reshape(-1, 2),
             "image_shuffle_factor": np.asarray(factors, dtype=np.int64),
@@ -368,4 +528,4 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return output
 
 
-__all__ = ["NanoVLMImageProcessor", "ImagePlan", "ImageInputError", "plan_image", "load_image", "image_size"]
+__all__ = ["NanoVLMImageProcessor", "PIXEL_DTYPES", "ImagePlan", "ImageInputError", "plan_image", "load_image", "image_size"]

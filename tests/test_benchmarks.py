@@ -24,11 +24,13 @@ EXPECTED = {
                          "tower_calls_per_batch", "lm_padding", "meets_goals"},
     },
     "throughput": {
-        "top": {"settings", "goal", "strategies", "ratios", "image_tokens_vs_upstream", "environment"},
+        "top": {"settings", "goal", "strategies", "ratios", "image_tokens_vs_upstream", "pipeline", "breakdown",
+                "environment"},
         "strategies": ["ours", "random", "pad-to-max"],
         "per_strategy": {"batches", "samples", "samples_per_second", "useful_tokens_per_second", "lm_padding",
                          "tower_calls_per_batch", "tower_patches_per_sample"},
     },
+    "preprocess": {"top": {"settings", "goal", "budgets", "fast_variants", "environment"}},
     "memory": {"top": {"settings", "goal", "by_long_side", "growth_first_to_last", "measurements", "environment"}},
     "generate": {"top": {"settings", "goal", "cache", "no_cache", "speedup", "same_tokens", "environment"}},
     "gpu_check": {"top": {"settings", "step_seconds", "samples_per_second", "lm_tokens_per_second",
@@ -90,6 +92,26 @@ def test_figures_are_consistent(quick_results):
     throughput = load(results, "throughput", completed)
     assert throughput["strategies"]["ours"]["samples"] == throughput["strategies"]["random"]["samples"]
     assert throughput["ratios"]["ours_vs_random"]["samples_per_second"] > 0
+
+    pipeline = throughput["pipeline"]["configs"]
+    assert set(pipeline) == {"0 workers, float32", "0 workers, uint8", "2 workers, float32", "2 workers, uint8"}
+    for config in pipeline.values():
+        assert config["samples"] > 0 and config["samples_per_second"] > 0
+    # uint8 transport moves a quarter of the bytes of float32
+    float_mb, uint8_mb = pipeline["0 workers, float32"]["pixel_mb_per_batch"], pipeline["0 workers, uint8"]["pixel_mb_per_batch"]
+    assert abs(uint8_mb * 4 - float_mb) < 1e-6 * float_mb
+    for figures in throughput["breakdown"]["by_pixel_dtype"].values():
+        assert set(figures["ms_per_sample"]) >= {"decode", "resize + patchify + normalise", "optimizer"}
+        assert abs(sum(figures["share"].values()) - 1) < 1e-9 and min(figures["ms_per_sample"].values()) >= 0
+
+    preprocess = load(results, "preprocess", completed)
+    for budget in preprocess["budgets"].values():
+        methods = budget["methods"]
+        assert {"floor (decode + resize)", "ours float32", "ours uint8", "qwen2-vl (PIL)", "idefics3 (PIL)"} <= set(methods)
+        # ours and the floor see the same plans, so the same image tokens
+        assert methods["ours float32"]["tokens_per_image"] == methods["floor (decode + resize)"]["tokens_per_image"]
+        assert methods["ours uint8"]["pixel_mb_per_image"] * 4 == pytest.approx(methods["ours float32"]["pixel_mb_per_image"])
+        assert budget["ratio_to_floor"]["floor (decode + resize)"] == 1.0
 
     memory = load(results, "memory", completed)
     for side in memory["by_long_side"].values():
