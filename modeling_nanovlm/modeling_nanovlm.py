@@ -83,6 +83,17 @@ def pixel_unshuffle(x: torch.Tensor, grid_height: int, grid_width: int, factor: 
     return x.reshape(batch, grid_height * grid_width, dim // (factor * factor))
 
 
+def _zero_gradient(parameters) -> torch.Tensor | float:
+    """0 x the sum of `parameters`: added to an output, it gives every one of them a gradient (of zeros).
+
+    FSDP and DeepSpeed ZeRO reduce every parameter's gradient on every process, so a parameter one process did not
+    use in its batch (a shuffle factor its images did not plan, the tower in a text-only batch) would leave the
+    processes' reductions mismatched; plain DDP would need `find_unused_parameters`.
+    """
+    total = sum(parameter.sum() for parameter in parameters)
+    return total * 0.0
+
+
 class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
     """DINOv3's 2-D RoPE with cos/sin always computed in float32.
 
@@ -324,7 +335,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 tokens = self.connector(hidden[rows], (grid_height, grid_width), factor, token_hw)
                 for row, image_tokens in zip(rows, tokens):
                     features[indices[row]] = image_tokens
-        return torch.cat(features)
+        features = torch.cat(features)
+        if self.training and self.config.connector == "shuffle":
+            unused = [str(s) for s in self.config.shuffle_factors if s not in set(factors)]
+            features = features + _zero_gradient(p for s in unused for p in self.connector.projections[s].parameters())
+        return features
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """(batch, length) mask of the `<image>` positions: from `input_ids`, or, with embeddings only, the
@@ -380,6 +395,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             num_image_tokens = int((input_ids == self.config.image_token_id).sum())
             if num_image_tokens:
                 raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
+        if pixel_values is None and self.training:  # a text-only batch: the tower and connector still get gradients
+            # (DINOv3's mask_token is never used here, so it stays without a gradient on every process alike)
+            mask_token = getattr(self.vision_tower.embeddings, "mask_token", None)
+            image_path = [p for p in [*self.vision_tower.parameters(), *self.connector.parameters()] if p is not mask_token]
+            inputs_embeds = inputs_embeds + _zero_gradient(image_path)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -90,6 +90,9 @@ def train(out_dir, processor, resume_from_checkpoint=None, stream=False):
     return trainer, collator.seen, initial
 
 
+FSDP_FACTORS = (1, 2)
+
+
 def fsdp2(out_dir, tokenizer):
     """FSDP2 (`fully_shard`) on gloo: 6 steps, a distributed checkpoint after step 4, a resumed run; rank 0 also
     loads the gathered full weights into a plain model.
@@ -97,8 +100,8 @@ def fsdp2(out_dir, tokenizer):
     The shard units are the layer classes fsdp_bf16.yaml names. Rank 0's batches hold one image shape, rank 1's
     two, so the vision tower runs once on rank 0 and twice on rank 1: this only works while the tower is not split
     into units of its own (each call of a unit gathers its weights: a different number of collectives per process).
-    One shuffle factor: with several, a process whose batch does not use a factor has no gradient for that
-    projection, and FSDP's gradient reduce-scatter no longer matches between processes.
+    Two shuffle factors, and steps where the processes' batches use different ones: the model gives an unused
+    projection a zero gradient, so FSDP's gradient reduce-scatter matches between processes.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -111,17 +114,19 @@ def fsdp2(out_dir, tokenizer):
     config = load_config_from_file(os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate",
                                                 "fsdp_bf16.yaml"))
     layer_classes = set(config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
-    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=16, max_image_size=256, shuffle_factors=[2]),
-                                 tokenizer)
+    processor = NanoVLMProcessor(
+        NanoVLMImageProcessor(max_image_tokens=16, max_image_size=256, shuffle_factors=FSDP_FACTORS), tokenizer
+    )
     rows, collator = make_rows(), NanoVLMCollator(processor)
     batches = [collator([rows[(2 * step + rank) % len(rows)], rows[(2 * step + 3 * rank) % len(rows)]])
                for step in range(6)]  # each process its own rows; rank 0 one image twice (one shape)
     tower_calls = [len({tuple(hw) for hw in batch["image_grid_hw"].tolist()}) for batch in batches]
+    factors_used = [sorted(set(batch["image_shuffle_factor"].tolist())) for batch in batches]
     checkpoint = os.path.join(out_dir, "fsdp2-checkpoint-4")
 
     def build():
         torch.manual_seed(0)
-        model = NanoVLMForConditionalGeneration(tiny_config(shuffle_factors=(2,)))
+        model = NanoVLMForConditionalGeneration(tiny_config(shuffle_factors=FSDP_FACTORS))
         units = [module for module in model.modules() if type(module).__name__ in layer_classes]
         for module in units:
             fully_shard(module)
@@ -155,6 +160,7 @@ def fsdp2(out_dir, tokenizer):
         "full_numel": sum(p.numel() for p in model.parameters()),
         "losses": losses,
         "tower_calls": tower_calls,
+        "factors_used": factors_used,
     }
     resumed, resumed_optimizer, _ = build()
     model_state, optimizer_state = get_state_dict(resumed, resumed_optimizer)
@@ -165,7 +171,7 @@ def fsdp2(out_dir, tokenizer):
     record["resumed_losses"] = steps(resumed, resumed_optimizer, range(4, 6))
     resumed_after = full_weights(resumed)
     if rank == 0:
-        plain = NanoVLMForConditionalGeneration(tiny_config(shuffle_factors=(2,)))
+        plain = NanoVLMForConditionalGeneration(tiny_config(shuffle_factors=FSDP_FACTORS))
         plain.load_state_dict(after)  # strict: the gathered keys are the model's own
         record.update(initial=initial, after=checksum_of(after), resumed_after=checksum_of(resumed_after),
                       loaded_strict=True)

@@ -114,6 +114,29 @@ def test_text_only_input_matches_the_bare_language_model(processor):
     assert torch.equal(ours, bare)
 
 
+def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor):
+    # FSDP / ZeRO reduce every gradient on every process: a shuffle factor absent from one process's batch, or the
+    # tower in a text-only batch, must still get a (zero) gradient, and the loss must not change because of it.
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id).train()
+    batches = {
+        "factor 2 only": processor(text=["<image>which?"], images=[random_image(160, 160)], return_tensors="pt"),
+        "text only": processor(text=["which digit?"], return_tensors="pt"),
+    }
+    for name, batch in batches.items():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        missing = [key for key, parameter in model.named_parameters() if parameter.grad is None]
+        missing.remove("model.vision_tower.embeddings.mask_token")  # DINOv3's masked-image-modelling token: never used
+        assert not missing, f"{name}: no gradient for {missing[:5]}"
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(**batch, labels=batch["input_ids"]).loss, loss.detach())
+        model.train()
+    assert set(batches["factor 2 only"]["image_shuffle_factor"].tolist()) == {2}
+    unused = model.connector.projections["4"].fc1.weight.grad
+    assert unused is not None and not unused.any()
+
+
 def test_loss_counts_only_labelled_positions(processor):
     model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
     batch = processor(text=["<image>Which digit is shown?"], images=[random_image(64, 96)], return_tensors="pt")

@@ -102,6 +102,8 @@ def test_fsdp2_shards_the_model_on_two_cpu_processes_and_resumes_exactly(tmp_pat
         assert record["losses"][0] > record["losses"][-1]
         assert record["resumed_losses"] == record["losses"][4:]
     assert records[0]["tower_calls"] != records[1]["tower_calls"]  # the tower ran a different number of times
+    # at some step the two processes' batches used different shuffle factors (an unused projection on one of them)
+    assert any(a != b for a, b in zip(records[0]["factors_used"], records[1]["factors_used"]))
     assert records[0]["local_numel"] + records[1]["local_numel"] >= records[0]["full_numel"]
     assert records[0]["after"] == records[0]["resumed_after"] != records[0]["initial"]
     assert records[0]["loaded_strict"] is True
