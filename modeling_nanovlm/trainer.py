@@ -9,6 +9,7 @@ import math
 import os
 from functools import partial
 
+import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import seed_worker
@@ -65,6 +66,7 @@ class NanoVLMTrainer(Trainer):
 
             kwargs["data_collator"] = NanoVLMCollator(processor)
         super().__init__(*args, **kwargs)
+        _check_uint8_normalisation(self.model, getattr(processor, "image_processor", None))
         if self.args.remove_unused_columns:
             logger.info("NanoVLMTrainer: remove_unused_columns=False, the collator needs the image and text columns")
             self.args.remove_unused_columns = False
@@ -299,6 +301,21 @@ def default_dataloader_workers(cpus: int | None = None, processes_per_node: int 
         processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_process = cpus // max(1, processes_per_node)
     return 0 if per_process <= 2 else min(4, per_process - 1)
+
+
+def _check_uint8_normalisation(model, image_processor):
+    """With `pixel_dtype="uint8"` the model normalises with its config's mean/std: they must be the processor's."""
+    if image_processor is None or getattr(image_processor, "pixel_dtype", "float32") != "uint8":
+        return
+    config = getattr(model, "config", None)
+    model_stats = (getattr(config, "image_mean", None), getattr(config, "image_std", None))
+    processor_stats = (image_processor.image_mean, image_processor.image_std)
+    if any(ours is None or not np.allclose(ours, theirs) for ours, theirs in zip(model_stats, processor_stats)):
+        raise ValueError(
+            f"the image processor sends uint8 pixels (pixel_dtype='uint8') to be normalised by the model, but the model "
+            f"config has image_mean/image_std {model_stats} and the processor {processor_stats}; set the config's "
+            "image_mean and image_std to the processor's"
+        )
 
 
 class _SamplerEpochCallback(TrainerCallback):

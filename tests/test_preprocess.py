@@ -381,3 +381,17 @@ def test_trainer_picks_workers_when_left_at_the_default(tmp_path, tokenizer, mon
 def _num_workers(dataloader) -> int:
     """Workers of a dataloader prepared by accelerate (a DataLoaderShard is a DataLoader with the same settings)."""
     return dataloader.num_workers
+
+
+def test_trainer_refuses_uint8_pixels_for_a_model_with_other_mean_and_std(tmp_path, processor, make_tiny_model):
+    from transformers import TrainingArguments
+
+    from modeling_nanovlm import NanoVLMTrainer
+
+    processor.image_processor.pixel_dtype = "uint8"
+    model = make_tiny_model()
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    NanoVLMTrainer(model=model, args=args, processing_class=processor)  # same mean/std: accepted
+    model.config.image_std = [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="image_mean/image_std"):
+        NanoVLMTrainer(model=model, args=args, processing_class=processor)
