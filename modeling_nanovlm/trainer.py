@@ -27,6 +27,9 @@ class NanoVLMTrainer(Trainer):
         `BucketBatchSampler.from_dataset`: rows per batch = `per_device_train_batch_size` (a cap when
         `max_tokens_per_batch` is given), seed = `data_seed` or `seed`, `num_replicas` = `world_size`, text
         lengths from the `NanoVLMCollator`, image sizes from file headers;
+      - `image_token_budgets=[144, 64, 36, 16]` trains one model for a range of budgets: every batch draws its
+        `max_image_tokens` from the list (see `BucketBatchSampler`'s `budgets`); the train dataset is wrapped in
+        `PlannedRows`, so each row carries `"__index__"` and its batch's `"__plan__"` to the collator;
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
@@ -39,7 +42,19 @@ class NanoVLMTrainer(Trainer):
     LM loss.
     """
 
-    def __init__(self, *args, batch_sampler=None, max_tokens_per_batch: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        batch_sampler=None,
+        max_tokens_per_batch: int | None = None,
+        image_token_budgets: list[int] | None = None,
+        **kwargs,
+    ):
+        if batch_sampler is not None and image_token_budgets is not None:
+            raise ValueError(
+                "image_token_budgets configures the batch sampler NanoVLMTrainer builds; with your own batch_sampler "
+                "pass budgets=... to it instead (BucketBatchSampler(..., budgets=[144, 64, 36, 16]))"
+            )
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and hasattr(processor, "image_processor"):
             from processing import NanoVLMCollator
@@ -57,6 +72,7 @@ class NanoVLMTrainer(Trainer):
         self.train_batch_sampler = batch_sampler
         self._sampler_is_built_here = batch_sampler is None
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.image_token_budgets = image_token_budgets
         self.add_callback(_SamplerEpochCallback(self))
 
     def build_train_batch_sampler(self):
@@ -78,9 +94,12 @@ class NanoVLMTrainer(Trainer):
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             shuffle=self.args.train_sampling_strategy != "sequential",
             plan_overrides=collator.plan_overrides,
+            budgets=self.image_token_budgets,
         )
 
     def get_train_dataloader(self) -> DataLoader:
+        from processing import PlannedRows
+
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         # Built once (it reads every image header); again only if auto_find_batch_size changed the batch size.
@@ -96,7 +115,7 @@ class NanoVLMTrainer(Trainer):
             )
         args = self.args
         dataloader = DataLoader(
-            self.train_dataset,
+            PlannedRows(self.train_dataset),  # rows carry their index and their batch's drawn budget
             batch_sampler=sampler,
             collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers,

@@ -19,6 +19,7 @@ NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 from .collator import NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
-from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
+from .sampler import BucketBatchSampler, PlannedIndex, bucket_key  # noqa: E402
+from .rows import PlannedRows  # noqa: E402
 
-__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key"]
+__all__ += ["NanoVLMCollator", "BucketBatchSampler", "bucket_key", "PlannedIndex", "PlannedRows"]
