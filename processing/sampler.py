@@ -112,7 +112,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         budgets: image-token budgets (`max_image_tokens` values, e.g. `[144, 64, 36, 16]` or `range(16, 145, 8)`)
             that batches draw from, one per batch, for budget-robust training (see the module docstring). The
             sampler then yields `PlannedIndex(index, {"max_image_tokens": budget})` keys: wrap the dataset in
-            `PlannedRows` so rows carry the budget to the collator (`NanoVLMTrainer` does this itself).
+            `PlannedRows` so rows carry the budget to the collator (`NanoVLMTrainer` does this itself). Repeat
+            a budget to draw it more often (`[144, 64, 36, 36, 16]`).
 
     `len(sampler)` is the same for every epoch. Resume mid-epoch with `state_dict()` / `load_state_dict()`, or
     through accelerate's `skip_first_batches` (the Trainer's way): both give the remaining batches unchanged.
@@ -150,7 +151,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.image_processor = image_processor
         self.plan_overrides = dict(plan_overrides or {})
         self.budgets = _check_budgets(budgets, self.plan_overrides)
-        for budget in self.budgets or ():  # a budget the processor cannot plan fails here, not mid-training
+        for budget in sorted(set(self.budgets or ())):  # a budget the processor cannot plan fails here, not mid-training
             try:
                 self.plan(64, 64, budget)
             except ValueError as error:
@@ -283,8 +284,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     def batch_budgets(self, epoch: int) -> list[int] | None:
         """The image-token budget of each of `epoch`'s batches (in `batches(epoch)` order); None without budgets.
 
-        Balanced: every budget goes to the same number of batches, give or take one (a random subset of the
-        budgets when there are fewer batches than budgets). Drawn from its own random stream of (seed, epoch), so
+        Balanced: every entry of `budgets` goes to the same number of batches, give or take one (a random subset
+        of them when there are fewer batches than entries; a budget listed twice gets twice the batches). Drawn from its own random stream of (seed, epoch), so
         adding budgets leaves the batches themselves as they were.
         """
         if not self.budgets:
@@ -374,7 +375,7 @@ def _check_budgets(budgets, plan_overrides: dict) -> tuple[int, ...] | None:
             f"plan_overrides sets max_image_tokens={plan_overrides['max_image_tokens']} and budgets are given: "
             "the drawn budget is the max_image_tokens of each batch, so give one or the other"
         )
-    return tuple(sorted({int(budget) for budget in budgets}, reverse=True))
+    return tuple(sorted((int(budget) for budget in budgets), reverse=True))  # a repeated budget weighs more
 
 
 def _chunks(items: list, size: int) -> list[list]:
