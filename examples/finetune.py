@@ -493,7 +493,10 @@ def run_digits(args) -> dict:
                 margin=recipe["margin"])
     train_images, train_labels = split["train"]
     train_size = min(args.train_samples or len(train_labels), len(train_labels))
-    steps_per_epoch = math.ceil(train_size / recipe["batch_size"])
+    training_args = training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
+                                       recipe["learning_rate"], recipe["warmup_ratio"])
+    world_size = training_args.world_size  # on N processes one optimizer step takes N batches
+    steps_per_epoch = math.ceil(math.ceil(train_size / recipe["batch_size"]) / world_size)
     num_epochs = math.ceil(recipe["max_steps"] / steps_per_epoch)
     schedule = curriculum(num_epochs, recipe["min_side"], recipe["max_side"], recipe["curriculum_start"],
                           recipe["curriculum_full"])
@@ -501,12 +504,10 @@ def run_digits(args) -> dict:
 
     collator = NanoVLMCollator(processor)
     text_length = collator.text_length({"prompt": QUESTION, "answer": "0 top-left"})  # every answer: same length
-    training_args = training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
-                                       recipe["learning_rate"], recipe["warmup_ratio"])
     # one sampler per process, each knowing the world size: every sample once per epoch over all processes
     sampler = EpochBucketSampler(train, [text_length] * len(train), processor.image_processor,
                                  batch_size=recipe["batch_size"], seed=args.seed,
-                                 num_replicas=training_args.world_size, budgets=budgets)
+                                 num_replicas=world_size, budgets=budgets)
     optimizer = make_optimizer(model, {"vision_tower": recipe["learning_rate"],
                                        "connector": recipe["connector_learning_rate"],
                                        "language_model": recipe["text_learning_rate"]}, recipe["weight_decay"])
@@ -527,7 +528,9 @@ def run_digits(args) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - started
     full_epochs, rest = divmod(trainer.state.global_step, steps_per_epoch)
-    train_samples = full_epochs * train_size + min(rest * recipe["batch_size"], train_size)
+    train_samples = full_epochs * train_size + min(rest * recipe["batch_size"] * world_size, train_size)
+    if not trainer.is_world_process_zero():  # on several processes, one evaluates, saves and reloads
+        return {}
 
     # held-out evaluation: the digits never trained on, on canvases over the whole size and aspect range
     test = DigitsTask(*split["test"], seed=EVAL_SEED, min_side=recipe["min_side"], max_side=recipe["max_side"],

@@ -330,3 +330,23 @@ def test_perceiver_recipe_has_a_fixed_token_count_and_no_budget_draw():
     assert processor.num_image_tokens(300, 200) == recipe["perceiver_latents"]
     with pytest.raises(SystemExit, match="unknown recipe key"):
         finetune.digits_recipe(finetune.parse_args(["--set", "budget=3"]))
+
+
+@pytest.mark.slow
+def test_main_job_runs_under_torchrun_on_two_processes(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(EXAMPLES / "finetune.py"), "--threads", "1", "--output_dir", str(out), "--max_steps", "3",
+               "--train_samples", "40", "--eval_samples", "4", "--batch_size", "4", "--max_side", "192"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_samples"] == 24  # 3 steps x 2 processes x 4 rows
+    assert set(metrics["budget_curve"]) == {"144", "64", "36", "16"}
