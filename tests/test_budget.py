@@ -295,3 +295,23 @@ def test_model_card_renders_the_budget_table():
     lines = table.splitlines()
     assert lines[0].startswith("| budget") and "digit accuracy" in lines[0] and "mean image tokens" in lines[0]
     assert lines[2] == "| 144 | 92.5 % | 99.0 % | 88.0 |" and lines[3] == "| 64 | 90.0 % | 100.0 % | 40.5 |"
+
+
+# --- the Perceiver connector sees where each patch is -------------------------------------------------------
+
+
+def test_perceiver_output_depends_on_where_features_are():
+    """Without positions the resampler is blind to the order of its context (the digits task stayed at chance)."""
+    from modeling_nanovlm import tiny_config
+    from modeling_nanovlm.modeling_nanovlm import NanoVLMConnector, grid_position_embedding
+
+    torch.manual_seed(0)
+    connector = NanoVLMConnector(tiny_config(connector="perceiver", perceiver_latents=4, perceiver_depth=1,
+                                             perceiver_heads=2, perceiver_head_dim=16)).eval()
+    features = torch.randn(1, 6 * 4, 128)
+    moved = features[:, torch.randperm(24)]
+    with torch.no_grad():
+        out, out_moved = connector(features, (6, 4), 1, (1, 4)), connector(moved, (6, 4), 1, (1, 4))
+    assert out.shape == (1, 4, 128) and not torch.allclose(out, out_moved, atol=1e-4)
+    embedding = grid_position_embedding(6, 4, 128)
+    assert embedding.shape == (24, 128) and len({tuple(row.tolist()) for row in embedding}) == 24
