@@ -12,9 +12,11 @@ Training runs through `NanoVLMTrainer` with a `BucketBatchSampler` and the `Nano
 task the sampler is re-planned every epoch (`EpochBucketSampler`): each epoch draws new layouts for the same
 training digits, and a curriculum widens the canvas range from small squares to the full range.
 
-Writes to `--output_dir`: `metrics.json`, `loss_curve.png` and `model/` (model + processor, loadable with
-`AutoModelForImageTextToText` / `AutoProcessor` `.from_pretrained(folder, trust_remote_code=True)`).
-`--push_to_hub REPO` pushes that folder's model and processor after saving.
+Writes to `--output_dir`: `metrics.json` (held-out accuracy at the default budget, and `budget_curve`: accuracy
+and mean image tokens at budgets 144 / 64 / 36 / 16), `loss_curve.png`, `budget_curve.png` and `model/` (model +
+processor + a model card with the metrics and the budget table, loadable with `AutoModelForImageTextToText` /
+`AutoProcessor` `.from_pretrained(folder, trust_remote_code=True)`). `--push_to_hub REPO` pushes that folder.
+Under `torchrun --nproc_per_node N` it trains on N processes (every sample once per epoch) and process 0 evaluates.
 
 The recipe (`RECIPE`), and what each part is worth on this task (2 shared CPU cores):
   - LM initialised with std 0.08 (not 0.02): with 0.02 the LM learns the answer format and the quadrant but the
@@ -22,7 +24,12 @@ The recipe (`RECIPE`), and what each part is worth on this task (2 shared CPU co
     steps on 128 px canvases).
   - a curriculum by epoch: 128 x 128 canvases for the first 30 % (one geometry: the digit takes off there; mixed
     sizes from step 0 stayed at chance), then the largest side grows to 384 by 70 % of the run.
-  - shuffle factor 2 only, budget 144 tokens: one projection, no canvas pooled.
+  - budget-robust training: shuffle factors (2, 4), and every batch draws its budget from 144 / 64 / 36 / 16
+    (`BucketBatchSampler(budgets=...)`), so one model answers at any of them when the budget is lowered per call
+    (`processor(..., max_image_tokens=36)`). On 128-384 px canvases budgets 144, 64 and 36 never pool (factor 2
+    up to 12 x 12 tokens, factor 4 above); 16 pools the largest canvases. Factors (1, 2, 4) learned slower (loss
+    0.37 vs 0.15 after ~410 steps): factor 1 spends 64 tokens on a 128 px canvas at budgets 144 and 64.
+  - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler), no budget draw.
   - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases.
   - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 1700 steps.
 """
