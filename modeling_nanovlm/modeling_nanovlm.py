@@ -167,6 +167,10 @@ class NanoVLMConnector(nn.Module):
                     attn_implementation=config.text_config._attn_implementation,
                 )
             )
+            # Idefics2 creates every latent as ones: identical queries give identical output tokens, and on the
+            # digits task the model learned only what one token carries (the quadrant, not the digit). Distinct
+            # random latents of the same scale break that symmetry from the first step.
+            nn.init.normal_(self.perceiver.latents)
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""

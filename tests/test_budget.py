@@ -313,5 +313,8 @@ def test_perceiver_output_depends_on_where_features_are():
     with torch.no_grad():
         out, out_moved = connector(features, (6, 4), 1, (1, 4)), connector(moved, (6, 4), 1, (1, 4))
     assert out.shape == (1, 4, 128) and not torch.allclose(out, out_moved, atol=1e-4)
+    latents = connector.perceiver.latents
+    assert len({tuple(row.tolist()) for row in latents}) == 4  # distinct latents: distinct output tokens
+    assert len({tuple(row.tolist()) for row in out[0].round(decimals=4)}) == 4
     embedding = grid_position_embedding(6, 4, 128)
     assert embedding.shape == (24, 128) and len({tuple(row.tolist()) for row in embedding}) == 24
