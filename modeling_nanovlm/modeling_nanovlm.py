@@ -169,8 +169,9 @@ class NanoVLMConnector(nn.Module):
             )
             # Idefics2 creates every latent as ones: identical queries give identical output tokens, and on the
             # digits task the model learned only what one token carries (the quadrant, not the digit). Distinct
-            # random latents of the same scale break that symmetry from the first step.
-            nn.init.normal_(self.perceiver.latents)
+            # random latents break that symmetry; small ones (queries are RMS-normalised, so their scale does not
+            # matter there) keep the constant latent out of the output's residual, leaving the image's content.
+            nn.init.normal_(self.perceiver.latents, std=config.initializer_range)
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
