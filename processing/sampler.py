@@ -151,7 +151,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.image_processor = image_processor
         self.plan_overrides = dict(plan_overrides or {})
         self.budgets = _check_budgets(budgets, self.plan_overrides)
-        for budget in sorted(set(self.budgets or ())):  # a budget the processor cannot plan fails here, not mid-training
+        for budget in sorted(set(self.budgets or ())):  # a budget the processor cannot plan fails here, not later
             try:
                 self.plan(64, 64, budget)
             except ValueError as error:
@@ -285,8 +285,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         """The image-token budget of each of `epoch`'s batches (in `batches(epoch)` order); None without budgets.
 
         Balanced: every entry of `budgets` goes to the same number of batches, give or take one (a random subset
-        of them when there are fewer batches than entries; a budget listed twice gets twice the batches). Drawn from its own random stream of (seed, epoch), so
-        adding budgets leaves the batches themselves as they were.
+        of them when there are fewer batches than entries; a budget listed twice gets twice the batches). Drawn
+        from its own random stream of (seed, epoch), so adding budgets leaves the batches themselves as they were.
         """
         if not self.budgets:
             return None

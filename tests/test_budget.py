@@ -76,7 +76,8 @@ def test_a_repeated_budget_is_drawn_more_often(sizes, image_processor):
 
 
 def test_the_draw_is_a_function_of_seed_and_epoch(sizes, image_processor):
-    first, second = make(sizes, image_processor, batch_size=8, seed=3), make(sizes, image_processor, batch_size=8, seed=3)
+    first = make(sizes, image_processor, batch_size=8, seed=3)
+    second = make(sizes, image_processor, batch_size=8, seed=3)
     draws = []
     for epoch in (0, 1, 2):
         first.set_epoch(epoch)
