@@ -14,9 +14,11 @@ Training runs through `NanoVLMTrainer` with a `BucketBatchSampler` and the `Nano
 task the sampler is re-planned every epoch (`EpochBucketSampler`): each epoch draws new layouts for the same
 training digits, and a curriculum widens the canvas range from small squares to the full range.
 
-Writes to `--output_dir`: `metrics.json`, `loss_curve.png` and `model/` (model + processor, loadable with
-`AutoModelForImageTextToText` / `AutoProcessor` `.from_pretrained(folder, trust_remote_code=True)`).
-`--push_to_hub REPO` pushes that folder's model and processor after saving.
+Writes to `--output_dir`: `metrics.json` (held-out accuracy at the default budget, and `budget_curve`: accuracy
+and mean image tokens at budgets 144 / 64 / 36 / 16), `loss_curve.png`, `budget_curve.png` and `model/` (model +
+processor + a model card with the metrics and the budget table, loadable with `AutoModelForImageTextToText` /
+`AutoProcessor` `.from_pretrained(folder, trust_remote_code=True)`). `--push_to_hub REPO` pushes that folder.
+Under `torchrun --nproc_per_node N` it trains on N processes (every sample once per epoch) and process 0 evaluates.
 
 The recipe (`RECIPE`), and what each part is worth on this task (2 shared CPU cores):
   - LM initialised with std 0.08 (not 0.02): with 0.02 the LM learns the answer format and the quadrant but the
@@ -24,7 +26,14 @@ The recipe (`RECIPE`), and what each part is worth on this task (2 shared CPU co
     steps on 128 px canvases).
   - a curriculum by epoch: 128 x 128 canvases for the first 30 % (one geometry: the digit takes off there; mixed
     sizes from step 0 stayed at chance), then the largest side grows to 384 by 70 % of the run.
-  - shuffle factor 2 only, budget 144 tokens: one projection, no canvas pooled.
+  - budget-robust training: shuffle factors (2, 3, 4), and every batch draws its budget from 144 / 64 / 64 / 36 /
+    36 / 16 (`BucketBatchSampler(budgets=...)`), so one model answers at any of them when the budget is lowered per
+    call (`processor(..., max_image_tokens=36)`). On 128-384 px canvases budgets 144, 64 and 36 never pool; 16
+    pools the largest canvases. Measured (held-out digit at 144 / 64 / 36 / 16, 1700 steps, seed 0): factors
+    (2, 4) with budgets drawn evenly 83.9 / 61.1 / 38.9 / 23.9 %; (2, 3, 4) 85.6 / 67.2 / 40.3 / 20.8 %;
+    (2, 3, 4) with 64 and 36 drawn twice as often 82.5 / 72.5 / 48.6 / 21.9 %. Factors (1, 2, 4) learned more
+    slowly (training loss 0.37 against 0.15 after ~410 steps: factor 1 spends 64 tokens on a 128 px canvas).
+  - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler), no budget draw.
   - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases.
   - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 1700 steps.
 """
@@ -80,8 +89,16 @@ RECIPE = dict(
     max_image_size=None,  # the image processor's long-side limit; None: max_side (no canvas is downscaled)
     curriculum_start=0.3,  # fraction of the epochs on min_side x min_side canvases only
     curriculum_full=0.7,  # fraction of the epochs by which the largest side reaches max_side
-    shuffle_factors=(2,),
+    shuffle_factors=(2, 3, 4),  # on 128-384 px canvases budgets 144, 64 and 36 never pool; 16 pools the largest
     max_image_tokens=144,  # (384 / 16 / 2) ** 2: the largest canvas keeps every 2x2 patch cell, no pooling
+    # budget-robust training: every batch draws its max_image_tokens from these (None: always max_image_tokens);
+    # 64 and 36 listed twice: they lean on factors 3 and 4, which learn the digit more slowly than factor 2
+    train_budgets=(144, 64, 64, 36, 36, 16),
+    eval_budgets=(144, 64, 36, 16),  # the held-out digits are evaluated at each (the budget curve)
+    perceiver_latents=16,  # --connector perceiver: tokens per image, whatever the budget
+    perceiver_depth=1,
+    perceiver_heads=4,
+    perceiver_head_dim=32,
     vision_layers=1,  # a 1-layer, 96-wide tower learns the digits as fast per step as 2 x 128 (2 x 192: slower),
     vision_hidden=96,  # and a step on large canvases costs much less: more steps fit in the time
     text_layers=2,  # 1 LM layer: -4 points of digit accuracy
@@ -114,6 +131,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_proc", type=int, default=None,
                         help="processes for reading image sizes and text lengths once (datasets.map, cached)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="after saving, push the model and processor to REPO")
+    parser.add_argument("--connector", choices=("shuffle", "perceiver"), default="shuffle",
+                        help="built-in task: 'shuffle' (pixel shuffle by factor 2 or 4 under the budget, trained across "
+                        "budgets) or 'perceiver' (a fixed number of tokens per image, whatever the budget)")
     # Tuned defaults; these are for tests and experiments.
     hidden = argparse.SUPPRESS
     for name, kind in (("batch_size", int), ("learning_rate", float), ("train_samples", int), ("eval_samples", int),
@@ -264,15 +284,17 @@ def chat_prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, images, prompts, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate_answers(model, processor, images, prompts, max_new_tokens: int, batch_size: int = 32,
+                     **plan_overrides) -> list[str]:
     """Greedy answers for (images, full prompt) pairs -- `images[i]` is the list of prompt i's images -- batched
-    in the given order (sort by image size: same-shape images share tower calls)."""
+    in the given order (sort by image size: same-shape images share tower calls). `plan_overrides` (e.g.
+    `max_image_tokens=36`) go to every processor call, as a user lowers the budget per call."""
     model.eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
         inputs = processor(text=list(prompts[start : start + batch_size]),
                            images=[list(group) for group in images[start : start + batch_size]],
-                           return_tensors="pt").to(model.device)
+                           return_tensors="pt", **plan_overrides).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
@@ -286,19 +308,20 @@ def set_generation_tokens(model, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
-def save_and_push(model, processor, folder: Path, push_to_hub: str | None):
+def save_and_push(model, processor, folder: Path, push_to_hub: str | None, metrics: dict | None = None):
+    """The model folder with its processor and a model card carrying `metrics` (and the budget curve, if any).
+
+    Call it on every process: all take part (FSDP gathers the sharded weights), the main one writes (and pushes),
+    and the others wait for the folder before going on.
+    """
     from accelerate import PartialState
 
-    # On several processes every one takes part (FSDP gathers the sharded weights), the main one writes, and the
-    # others wait for the folder before reloading it.
     state = PartialState()
     main = state.is_main_process
-    model.save_pretrained(folder, **({"is_main_process": main} if state.num_processes > 1 else {}))
-    if main:
-        processor.save_pretrained(folder)
-    if push_to_hub and main:  # hook point: whoever owns the model card writes it next to the weights before this
-        model.push_to_hub(push_to_hub)
-        processor.push_to_hub(push_to_hub)
+    model.save_pretrained(folder, processor=processor, metrics=metrics,
+                          **({"is_main_process": main} if state.num_processes > 1 else {}))
+    if push_to_hub and main:
+        model.push_to_hub(push_to_hub, processor=processor, metrics=metrics)
     state.wait_for_everyone()
 
 
@@ -378,17 +401,24 @@ def build_digits_model(recipe: dict, seed: int):
     from processing.offline_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(tokenizer_corpus())
+    connector = recipe.get("connector", "shuffle")
+    perceiver = {name: recipe[name] for name in ("perceiver_latents", "perceiver_depth", "perceiver_heads",
+                                                   "perceiver_head_dim")}
     image_processor = NanoVLMImageProcessor(
         patch_size=16,
         max_image_tokens=recipe["max_image_tokens"],
         max_image_size=recipe["max_image_size"] or recipe["max_side"],
-        shuffle_factors=recipe["shuffle_factors"],
+        shuffle_factors=recipe["shuffle_factors"],  # must be the model's: it refuses plans with other factors
+        connector=connector,
+        perceiver_latents=perceiver["perceiver_latents"],
     )
     processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     config = tiny_config(
         vocab_size=len(tokenizer),
         image_token_id=processor.image_token_id,
         shuffle_factors=recipe["shuffle_factors"],
+        connector=connector,
+        **perceiver,
         vision=dict(num_hidden_layers=recipe["vision_layers"], hidden_size=recipe["vision_hidden"],
                     intermediate_size=4 * recipe["vision_hidden"]),
         text=dict(num_hidden_layers=recipe["text_layers"], hidden_size=recipe["text_hidden"],
@@ -403,34 +433,120 @@ def build_digits_model(recipe: dict, seed: int):
     return model, processor
 
 
-def run_digits(args) -> dict:
-    from digits import QUESTION, DigitsTask, load_split, parse_answer
-    from modeling_nanovlm import NanoVLMTrainer
-
-    recipe = dict(RECIPE)
+def digits_recipe(args) -> dict:
+    """RECIPE with the command line's changes: `--connector`, the tuning flags, `--set KEY=VALUE`."""
+    recipe = dict(RECIPE, connector=args.connector)
+    if args.connector == "perceiver":  # a fixed token count: there is no budget to draw or to lower
+        recipe["train_budgets"] = None
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in recipe:
             raise SystemExit(f"--set {item}: unknown recipe key; known: {sorted(recipe)}")
-        recipe[key] = json.loads(value) if not isinstance(recipe[key], tuple) else tuple(json.loads(value))
+        value = json.loads(value)
+        recipe[key] = tuple(value) if isinstance(value, list) else value
     for name in ("max_steps", "batch_size", "min_side", "max_side", "max_image_tokens"):
         if getattr(args, name) is not None:
             recipe[name] = getattr(args, name)
     if args.learning_rate is not None:
         recipe["learning_rate"] = recipe["connector_learning_rate"] = recipe["text_learning_rate"] = args.learning_rate
+    if args.connector == "perceiver":
+        recipe["eval_budgets"] = tuple(b for b in recipe["eval_budgets"] if b >= recipe["perceiver_latents"])
+    return recipe
+
+
+def evaluate_budgets(model, processor, rows, budgets, max_new_tokens: int) -> dict[str, dict]:
+    """Held-out accuracy at each budget, lowered per call as a user would: {"144": {"digit_accuracy", ...}, ...}."""
+    from digits import QUESTION, parse_answer
+
+    prompt = chat_prompt(processor, QUESTION)
+    truths = [parse_answer(row["answer"]) for row in rows]
+    curve = {}
+    for budget in budgets:
+        started = time.perf_counter()
+        answers = generate_answers(model, processor, [[row["image"]] for row in rows], [prompt] * len(rows),
+                                   max_new_tokens, max_image_tokens=budget)
+        guesses = [parse_answer(answer) for answer in answers]
+        plans = [processor.image_processor.plan(row["image"].height, row["image"].width, max_image_tokens=budget)
+                 for row in rows]
+        curve[str(budget)] = {
+            "digit_accuracy": sum(g[0] == t[0] for g, t in zip(guesses, truths)) / len(rows),
+            "quadrant_accuracy": sum(g[1] == t[1] for g, t in zip(guesses, truths)) / len(rows),
+            "both_accuracy": sum(g == t for g, t in zip(guesses, truths)) / len(rows),
+            "mean_image_tokens": round(sum(plan.num_tokens for plan in plans) / len(rows), 2),
+            "pooled_fraction": (sum(plan.pooled for plan in plans) / len(rows)
+                                if processor.image_processor.connector == "shuffle" else None),
+            "shuffle_factors": {str(f): sum(plan.shuffle_factor == f for plan in plans)
+                                for f in sorted({plan.shuffle_factor for plan in plans})},
+            "eval_seconds": round(time.perf_counter() - started, 1),
+        }
+    return curve
+
+
+def print_budget_curve(curve: dict):
+    print("budget | digit  | quadrant | mean image tokens | pooled")
+    for budget, point in curve.items():
+        print(f"{budget:>6} | {point['digit_accuracy']:6.1%} | {point['quadrant_accuracy']:8.1%} | "
+              f"{point['mean_image_tokens']:17.1f} | "
+              + ("-" if point["pooled_fraction"] is None else f"{point['pooled_fraction']:.0%}"))
+
+
+def plot_budget_curve(curve: dict, path: Path, title: str):
+    """Held-out accuracy (left axis) and mean image tokens per image (right axis) against the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(int(budget) for budget in curve)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("digit_accuracy", "digit accuracy"), ("quadrant_accuracy", "quadrant accuracy")):
+        ax.plot(budgets, [100 * curve[str(b)][key] for b in budgets], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("image-token budget (max_image_tokens, set per call)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    tokens = ax.twinx()
+    tokens.plot(budgets, [curve[str(b)]["mean_image_tokens"] for b in budgets], color="tab:gray", ls="--",
+                marker="s", label="mean image tokens per image")
+    tokens.set_ylabel("image tokens per image")
+    tokens.set_ylim(0, max(budgets) * 1.05)
+    tokens.legend(loc="center right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_digits(args) -> dict:
+    from digits import QUESTION, DigitsTask, load_split
+    from modeling_nanovlm import NanoVLMTrainer
+
+    recipe = digits_recipe(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model, processor = build_digits_model(recipe, args.seed)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"image budget {recipe['max_image_tokens']} tokens, shuffle factors {list(recipe['shuffle_factors'])}")
+    budgets = list(recipe["train_budgets"]) if recipe["train_budgets"] else None
+    if recipe["connector"] == "perceiver":
+        tokens = f"Perceiver connector, {recipe['perceiver_latents']} tokens per image"
+    else:
+        tokens = (f"image budget {recipe['max_image_tokens']} tokens, shuffle factors {list(recipe['shuffle_factors'])}"
+                  + (f", training budgets drawn per batch from {budgets}" if budgets else ""))
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {tokens}")
 
     split = load_split()
     task = dict(digit_min=recipe["digit_min"], digit_max=recipe["digit_max"], noise=recipe["noise"],
                 margin=recipe["margin"])
     train_images, train_labels = split["train"]
     train_size = min(args.train_samples or len(train_labels), len(train_labels))
-    steps_per_epoch = math.ceil(train_size / recipe["batch_size"])
+    training_args = training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
+                                       recipe["learning_rate"], recipe["warmup_ratio"])
+    world_size = training_args.world_size  # on N processes one optimizer step takes N batches
+    steps_per_epoch = math.ceil(math.ceil(train_size / recipe["batch_size"]) / world_size)
     num_epochs = math.ceil(recipe["max_steps"] / steps_per_epoch)
     schedule = curriculum(num_epochs, recipe["min_side"], recipe["max_side"], recipe["curriculum_start"],
                           recipe["curriculum_full"])
@@ -438,11 +554,10 @@ def run_digits(args) -> dict:
 
     collator = NanoVLMCollator(processor)
     text_length = collator.text_length({"prompt": QUESTION, "answer": "0 top-left"})  # every answer: same length
-    training_args = training_arguments(args, output_dir, recipe["max_steps"], recipe["batch_size"],
-                                       recipe["learning_rate"], recipe["warmup_ratio"])
+    # one sampler per process, each knowing the world size: every sample once per epoch over all processes
     sampler = EpochBucketSampler(train, [text_length] * len(train), processor.image_processor,
                                  batch_size=recipe["batch_size"], seed=args.seed,
-                                 num_replicas=training_args.world_size)
+                                 num_replicas=world_size, budgets=budgets)
     optimizer = make_optimizer(model, {"vision_tower": recipe["learning_rate"],
                                        "connector": recipe["connector_learning_rate"],
                                        "language_model": recipe["text_learning_rate"]}, recipe["weight_decay"])
@@ -463,7 +578,10 @@ def run_digits(args) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - started
     full_epochs, rest = divmod(trainer.state.global_step, steps_per_epoch)
-    train_samples = full_epochs * train_size + min(rest * recipe["batch_size"], train_size)
+    train_samples = full_epochs * train_size + min(rest * recipe["batch_size"] * world_size, train_size)
+    if not trainer.is_world_process_zero():  # on several processes one evaluates and reloads; all take part in saving
+        save_and_push(model, processor, output_dir / "model", args.push_to_hub)
+        return {}
 
     # held-out evaluation: the digits never trained on, on canvases over the whole size and aspect range
     test = DigitsTask(*split["test"], seed=EVAL_SEED, min_side=recipe["min_side"], max_side=recipe["max_side"],
@@ -472,17 +590,16 @@ def run_digits(args) -> dict:
     rows = [test[i] for i in order]
     max_new_tokens = args.max_new_tokens or 8
     started = time.perf_counter()
-    prompt = chat_prompt(processor, QUESTION)
-    answers = generate_answers(model, processor, [[row["image"]] for row in rows], [prompt] * len(rows),
-                               max_new_tokens)
+    default = recipe["max_image_tokens"]  # the saved processor's budget: what a user gets without an override
+    eval_budgets = sorted({default, *recipe["eval_budgets"]}, reverse=True)
+    curve = evaluate_budgets(model, processor, rows, eval_budgets, max_new_tokens)
     eval_seconds = time.perf_counter() - started
-    truths = [parse_answer(row["answer"]) for row in rows]
-    guesses = [parse_answer(answer) for answer in answers]
     metrics = {
         "task": "digits",
-        "digit_accuracy": sum(g[0] == t[0] for g, t in zip(guesses, truths)) / len(rows),
-        "quadrant_accuracy": sum(g[1] == t[1] for g, t in zip(guesses, truths)) / len(rows),
-        "both_accuracy": sum(g == t for g, t in zip(guesses, truths)) / len(rows),
+        "connector": recipe["connector"],
+        **{key: curve[str(default)][key] for key in ("digit_accuracy", "quadrant_accuracy", "both_accuracy")},
+        "max_image_tokens": default,
+        "budget_curve": curve,
         "train_seconds": round(train_seconds, 1),
         "train_samples": int(train_samples),
         "eval_samples": len(rows),
@@ -491,19 +608,27 @@ def run_digits(args) -> dict:
         "final_loss": last_loss(trainer.state.log_history),
         "seed": args.seed,
         "torch_threads": args.threads or "adaptive",
+        "load_average": [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "recipe": {key: list(value) if isinstance(value, tuple) else value for key, value in recipe.items()},
     }
     print(f"held-out ({len(rows)} digits never trained on): digit accuracy {metrics['digit_accuracy']:.1%}, "
-          f"quadrant accuracy {metrics['quadrant_accuracy']:.1%} (training took {train_seconds:.0f}s)")
+          f"quadrant accuracy {metrics['quadrant_accuracy']:.1%} at the default budget of {default} tokens "
+          f"(training took {train_seconds:.0f}s)")
+    print("held-out accuracy when the budget is lowered per call (processor(..., max_image_tokens=B)):")
+    print_budget_curve(curve)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     sides = [(epoch * steps_per_epoch, schedule(epoch)[1]) for epoch in range(num_epochs)]
     sides.append((recipe["max_steps"], sides[-1][1]))
     plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png",
                     f"nanoVLM on digits: held-out digit {metrics['digit_accuracy']:.0%}, "
                     f"quadrant {metrics['quadrant_accuracy']:.0%}", sides)
+    plot_budget_curve(curve, output_dir / "budget_curve.png",
+                      f"one nanoVLM ({recipe['connector']}), held-out digits at each budget")
 
     folder = output_dir / "model"
-    save_and_push(model, processor, folder, args.push_to_hub)
+    card_metrics = {key: metrics[key] for key in ("digit_accuracy", "quadrant_accuracy", "budget_curve",
+                                                  "train_seconds", "train_samples", "eval_samples", "max_steps")}
+    save_and_push(model, processor, folder, args.push_to_hub, metrics=card_metrics)
     sample = test[0]
     answer = reload_and_ask(folder, sample["image"], QUESTION, max_new_tokens)
     print(f"reloaded {folder} through AutoModelForImageTextToText / AutoProcessor (trust_remote_code=True)")

@@ -29,8 +29,35 @@ def _table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _percent(value) -> str:
+    return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else "–"
+
+
+def budget_table(curve: dict) -> str:
+    """Markdown table of a budget curve: {"144": {"digit_accuracy", "quadrant_accuracy", "mean_image_tokens"}, ...}.
+
+    Accuracy columns are the curve's `*_accuracy` entries (held-out, 0-1), in the order they first appear.
+    """
+    columns = []
+    for point in curve.values():
+        columns += [key for key in point if key.endswith("_accuracy") and key not in columns]
+    header = ["budget (`max_image_tokens`)", *(key.replace("_", " ") for key in columns), "mean image tokens"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for budget in sorted(curve, key=lambda b: -int(b)):
+        point = curve[budget]
+        tokens = point.get("mean_image_tokens")
+        cells = [str(budget), *(_percent(point.get(key)) for key in columns),
+                 f"{tokens:.1f}" if isinstance(tokens, (int, float)) else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nOne model, the budget lowered per call: `processor(text=..., images=..., max_image_tokens=36)`."
+    )
+    return "\n".join(lines)
+
+
 def render_model_card(config, repo: str, image_processor=None, metrics: dict | None = None) -> ModelCard:
-    """A model card for `config`; the budget section comes from the image processor when given."""
+    """A model card for `config`; the budget section comes from the image processor when given, and a
+    `metrics["budget_curve"]` (held-out accuracy per budget, as the main job measures it) becomes a table."""
     vision, text = config.vision_config, config.text_config
     base_models = list(getattr(config, "base_models", None) or [])
     data = ModelCardData(
@@ -69,7 +96,11 @@ def render_model_card(config, repo: str, image_processor=None, metrics: dict | N
     ]
     if base_models:
         sections.append("## Base models\n\n" + "\n".join(f"- `{name}`" for name in base_models))
+    metrics = dict(metrics or {})
+    curve = metrics.pop("budget_curve", None)
     if metrics:
         sections.append("## Training metrics\n\n" + _table(metrics))
+    if curve:
+        sections.append("## Accuracy at each image-token budget\n\n" + budget_table(curve))
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)

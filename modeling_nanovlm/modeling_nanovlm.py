@@ -94,6 +94,26 @@ def _zero_gradient(parameters) -> torch.Tensor | float:
     return total * 0.0
 
 
+def grid_position_embedding(grid_height: int, grid_width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """(Gh*Gw, dim) fixed 2-D sin-cos embedding of each patch's centre, in coordinates relative to the image (0-1).
+
+    The Perceiver resampler attends to its context by content only, and the tower's RoPE encodes relative positions
+    only, so without this the latents cannot tell where in the image a feature is. Relative coordinates make it the
+    same for every resolution; half the channels encode the row, half the column, at geometric frequencies.
+    """
+    quarter = dim // 4
+    frequencies = math.pi * 2.0 ** torch.linspace(0.0, 5.0, quarter, device=device, dtype=torch.float32)
+    rows = (torch.arange(grid_height, device=device, dtype=torch.float32) + 0.5) / grid_height
+    cols = (torch.arange(grid_width, device=device, dtype=torch.float32) + 0.5) / grid_width
+    row_angles = rows[:, None, None] * frequencies  # (Gh, 1, quarter)
+    col_angles = cols[None, :, None] * frequencies  # (1, Gw, quarter)
+    parts = [row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()]
+    parts = [part.expand(grid_height, grid_width, quarter) for part in parts]
+    embedding = torch.cat(parts, dim=-1).reshape(grid_height * grid_width, 4 * quarter)
+    embedding = F.pad(embedding, (0, dim - 4 * quarter))
+    return embedding.to(dtype) if dtype is not None else embedding
+
+
 class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
     """DINOv3's 2-D RoPE with cos/sin always computed in float32.
 
@@ -179,6 +199,11 @@ class NanoVLMConnector(nn.Module):
                     attn_implementation=config.text_config._attn_implementation,
                 )
             )
+            # Idefics2 creates every latent as ones: identical queries give identical output tokens, and on the
+            # digits task the model learned only what one token carries (the quadrant, not the digit). Distinct
+            # random latents break that symmetry; small ones (queries are RMS-normalised, so their scale does not
+            # matter there) keep the constant latent out of the output's residual, leaving the image's content.
+            nn.init.normal_(self.perceiver.latents, std=config.initializer_range)
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
@@ -189,7 +214,8 @@ class NanoVLMConnector(nn.Module):
                     f"this model's Perceiver gives {self.perceiver.n_latents} per image: use a processor with "
                     f"connector='perceiver' and perceiver_latents={self.perceiver.n_latents}"
                 )
-            context = self.projection(features)
+            position = grid_position_embedding(*grid_hw, features.shape[-1], features.device, features.dtype)
+            context = self.projection(features + position)
             mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
             return self.perceiver(context, attention_mask=mask)
         if str(factor) not in self.projections:
@@ -482,9 +508,10 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
                 **(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.NanoVLMModel"
             }
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if processor is not None:
-            processor.save_pretrained(save_directory)
-        self._write_model_card(save_directory, Path(save_directory).name, processor, metrics)
+        if kwargs.get("is_main_process", True):  # on several processes only the main one writes files
+            if processor is not None:
+                processor.save_pretrained(save_directory)
+            self._write_model_card(save_directory, Path(save_directory).name, processor, metrics)
         return result
 
     def _write_model_card(self, folder, repo, processor, metrics):

@@ -31,6 +31,9 @@ class NanoVLMTrainer(Trainer):
       - a streamed train dataset (`datasets.IterableDataset`, or a `StreamingBucketBatches`) is batched by
         `StreamingBucketBatches` (buffered bucketing, `stream_buffer_size` rows; each process reads its own rows via
         `split_dataset_by_node`), and a resumed run skips the checkpoint's steps inside the stream (exact replay);
+      - `image_token_budgets=[144, 64, 36, 16]` trains one model for a range of budgets: every batch draws its
+        `max_image_tokens` from the list (see `BucketBatchSampler`'s `budgets`); the train dataset is wrapped in
+        `PlannedRows`, so each row carries `"__index__"` and its batch's `"__plan__"` to the collator;
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
@@ -58,8 +61,14 @@ class NanoVLMTrainer(Trainer):
         max_tokens_per_batch: int | None = None,
         stream_buffer_size: int = 1024,
         auto_workers: bool = True,
+        image_token_budgets: list[int] | None = None,
         **kwargs,
     ):
+        if batch_sampler is not None and image_token_budgets is not None:
+            raise ValueError(
+                "image_token_budgets configures the batch sampler NanoVLMTrainer builds; with your own batch_sampler "
+                "pass budgets=... to it instead (BucketBatchSampler(..., budgets=[144, 64, 36, 16]))"
+            )
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and hasattr(processor, "image_processor"):
             from processing import NanoVLMCollator
@@ -82,6 +91,7 @@ class NanoVLMTrainer(Trainer):
         self.train_stream = None  # the StreamingBucketBatches, when the train dataset is streamed
         self._stream_resume_batches = 0
         self.auto_workers = auto_workers
+        self.image_token_budgets = image_token_budgets
         self.add_callback(_SamplerEpochCallback(self))
 
     def build_train_batch_sampler(self):
@@ -103,12 +113,21 @@ class NanoVLMTrainer(Trainer):
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             shuffle=self.args.train_sampling_strategy != "sequential",
             plan_overrides=collator.plan_overrides,
+            budgets=self.image_token_budgets,
         )
 
     def get_train_dataloader(self) -> DataLoader:
+        from processing import PlannedRows
+
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         if _is_stream(self.train_dataset):
+            if self.image_token_budgets is not None:
+                raise ValueError(
+                    "image_token_budgets needs a map-style train dataset (the sampler draws a budget per batch of "
+                    "known lengths); a streamed dataset is batched by StreamingBucketBatches, which has no budgets: "
+                    "drop image_token_budgets or train on a datasets.Dataset"
+                )
             return self.get_streaming_train_dataloader()
         # Built once (it reads every image header); again only if auto_find_batch_size changed the batch size.
         if self.train_batch_sampler is None or (
@@ -127,7 +146,7 @@ class NanoVLMTrainer(Trainer):
             num_workers = default_dataloader_workers()
             logger.info(f"NanoVLMTrainer: {num_workers} DataLoader worker(s) (auto_workers; set dataloader_num_workers)")
         dataloader = DataLoader(
-            self.train_dataset,
+            PlannedRows(self.train_dataset),  # rows carry their index and their batch's drawn budget
             batch_sampler=sampler,
             collate_fn=self.data_collator,
             num_workers=num_workers,

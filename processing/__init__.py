@@ -19,7 +19,8 @@ NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 from .collator import BadRowError, NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
-from .sampler import BucketBatchSampler, bucket_key  # noqa: E402
+from .sampler import BucketBatchSampler, PlannedIndex, bucket_key  # noqa: E402
+from .rows import PlannedRows  # noqa: E402
 from .sizes import add_image_sizes, add_text_lengths, keep_images_encoded  # noqa: E402
 from .streaming import StreamingBucketBatches  # noqa: E402
 
@@ -27,6 +28,8 @@ __all__ += [
     "NanoVLMCollator",
     "BadRowError",
     "BucketBatchSampler",
+    "PlannedIndex",
+    "PlannedRows",
     "bucket_key",
     "StreamingBucketBatches",
     "add_image_sizes",

@@ -13,6 +13,7 @@ from .sizes import image_source
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what the LM loss skips
+PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/rows.py)
 IMAGE_COLUMNS = ("images", "image")
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
 
@@ -41,8 +42,10 @@ class NanoVLMCollator:
         has no image column); each image part or `<image>` in a string is one image, in order; or
       - "prompt" and "answer" strings: one user turn and one assistant turn; the prompt gets one `<image>` per
         image in front when it has none.
-    Other keys are ignored; "__index__" (the row's dataset index) names the row in errors. Text is rendered with
-    the processor's chat template.
+    Other keys are ignored, except two reserved ones: `"__index__"` (the row's dataset index) names the row in
+    errors, and `"__plan__"` holds plan overrides for the batch (e.g. `{"max_image_tokens": 64}`, drawn per batch by
+    `BucketBatchSampler(..., budgets=...)` and put in the rows by `PlannedRows`), applied on top of
+    `plan_overrides`. Text is rendered with the processor's chat template.
 
     `labels` are -100 everywhere except the tokens of every assistant answer, the closing `<|im_end|>` included
     (so the model learns to stop) and the newline after it excluded. Text is padded on the right; images are never
@@ -84,6 +87,7 @@ class NanoVLMCollator:
                 prepared.append(self._prepare(row, position))
             except BadRowError as error:
                 self._skip_or_raise(error)
+        plan_overrides = {**self.plan_overrides, **self.batch_plan(rows)}
         while True:
             if not prepared:
                 raise BadRowError(
@@ -100,7 +104,7 @@ class NanoVLMCollator:
                     padding_side="right",
                     truncation=self.max_length is not None,
                     max_length=self.max_length,
-                    **self.plan_overrides,
+                    **plan_overrides,
                 )
                 break
             except ImageInputError as error:
@@ -142,6 +146,32 @@ class NanoVLMCollator:
             self.skipped_examples.append(reason)
         if self.skipped_rows <= 10 or self.skipped_rows & (self.skipped_rows - 1) == 0:  # then at powers of two
             logger.warning("skipped a bad row (%d so far): %s", self.skipped_rows, reason)
+
+    def batch_plan(self, rows: list[dict]) -> dict:
+        """The `"__plan__"` the rows carry (plan overrides drawn by the sampler, e.g. `{"max_image_tokens": 64}`).
+
+        It applies on top of the collator's own `plan_overrides`. Every row of a batch must carry the same one (the
+        sampler draws it per batch); rows without it give `{}`.
+        """
+        plans = [row.get(PLAN_KEY) if isinstance(row, dict) else None for row in rows]
+        first = plans[0]
+        for index, plan in enumerate(plans):
+            if plan != first:
+                raise ValueError(
+                    f"rows of one batch carry different {PLAN_KEY} values: row 0 has {first!r}, row {index} has "
+                    f"{plan!r}; a batch is processed with one plan (BucketBatchSampler draws one per batch)"
+                )
+        if first is None:
+            return {}
+        if not isinstance(first, dict):
+            raise ValueError(
+                f"{PLAN_KEY} must be a dict of plan settings such as {{'max_image_tokens': 64}}, got {first!r}"
+            )
+        valid = getattr(self.processor.image_processor, "plan_fields", None)
+        unknown = sorted(set(first) - set(valid)) if valid is not None else []
+        if unknown:
+            raise ValueError(f"{PLAN_KEY} has unknown plan setting(s) {unknown}; valid: {list(valid)}")
+        return dict(first)
 
     # --- rows -> chat ------------------------------------------------------------------------------------
 

@@ -13,7 +13,18 @@ How an epoch is batched (deterministic from (seed, epoch)):
   3. batches are cut from each bucket: `batch_size` rows each (the rows left over in every bucket are pooled into
      mixed batches, so every batch but one is full), or greedily up to `max_tokens_per_batch` padded tokens;
   4. with `num_replicas` > 1 the largest batches are halved until the count is a multiple of `num_replicas`;
-  5. the batch order is shuffled (the one short fixed-size batch, if any, goes last).
+  5. the batch order is shuffled (the one short fixed-size batch, if any, goes last);
+  6. with `budgets`, every batch draws its image-token budget (`max_image_tokens`) -- see "Budget-robust training".
+
+Budget-robust training (`budgets=[144, 64, 36, 16]`, or any sequence of ints such as `range(16, 145, 8)`): each
+batch of an epoch gets one budget, drawn from (seed, epoch, batch position) and balanced (over an epoch every budget
+goes to the same number of batches, give or take one), so one model learns every shuffle factor's projection and
+the pooled path. Batches are cut exactly as without budgets, from each sample's length at its largest budget: a
+sample's image tokens never grow when the budget shrinks, so `max_tokens_per_batch` holds at every drawn budget,
+and the number of batches, the sharding and resuming are unchanged. The exact length of every sample at every
+budget is known (`lengths_at`). The drawn budget travels with each index: the sampler then yields
+`PlannedIndex(index, plan)` keys, and `PlannedRows(dataset)` (processing/rows.py) turns a key into the row with
+`"__plan__": {"max_image_tokens": budget}`, which `NanoVLMCollator` passes to the processor call.
 
 Why the number of batches must not change between epochs: the Trainer reads `len(dataloader)` once and plans
 every epoch's optimizer steps from it. That is why step 2 sorts whole buckets (by rounded length, random among
@@ -32,6 +43,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -58,6 +70,16 @@ def bucket_key(
     long_side = max(plan.resized_height, plan.resized_width)
     aspect = plan.resized_width / plan.resized_height
     return bisect.bisect_left(size_buckets, long_side), bisect.bisect_left(aspect_ratio_edges, aspect)
+
+
+class PlannedIndex(NamedTuple):
+    """A dataset index and the plan overrides its batch was drawn with (`{"max_image_tokens": 64}`).
+
+    What a `BucketBatchSampler` with `budgets` yields instead of plain ints; `PlannedRows` reads it.
+    """
+
+    index: int
+    plan: dict
 
 
 def _as_image_list(sizes) -> list[tuple[int, int]]:
@@ -88,6 +110,11 @@ class BucketBatchSampler(Sampler[list[int]]):
             at the cost of up to `length_step - 1` padding tokens per row.
         plan_overrides: plan settings used at batching time (e.g. `{"max_image_tokens": 256}`), the same ones
             the collator's processor call uses.
+        budgets: image-token budgets (`max_image_tokens` values, e.g. `[144, 64, 36, 16]` or `range(16, 145, 8)`)
+            that batches draw from, one per batch, for budget-robust training (see the module docstring). The
+            sampler then yields `PlannedIndex(index, {"max_image_tokens": budget})` keys: wrap the dataset in
+            `PlannedRows` so rows carry the budget to the collator (`NanoVLMTrainer` does this itself). Repeat
+            a budget to draw it more often (`[144, 64, 36, 36, 16]`).
 
     `len(sampler)` is the same for every epoch. Resume mid-epoch with `state_dict()` / `load_state_dict()`, or
     through accelerate's `skip_first_batches` (the Trainer's way): both give the remaining batches unchanged.
@@ -107,6 +134,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         aspect_ratio_edges: Sequence[float] = ASPECT_RATIO_EDGES,
         length_step: int = 16,
         plan_overrides: dict | None = None,
+        budgets: Sequence[int] | None = None,
     ):
         if len(image_sizes) != len(text_lengths):
             raise ValueError(f"got {len(image_sizes)} image size entries but {len(text_lengths)} text lengths")
@@ -124,6 +152,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.image_processor = image_processor
         self._plans, self._rows = {}, {}  # plan caches, by image size and by a sample's image sizes
         self.plan_overrides = dict(plan_overrides or {})
+        self.budgets = _check_budgets(budgets, self.plan_overrides)
+        for budget in sorted(set(self.budgets or ())):  # a budget the processor cannot plan fails here, not later
+            try:
+                self.plan(64, 64, budget)
+            except ValueError as error:
+                raise ValueError(f"budget {budget}: {error}") from error
         self.snapping = bool(self.plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
         self.size_buckets = tuple(size_buckets)
         self.aspect_ratio_edges = tuple(aspect_ratio_edges)
@@ -137,9 +171,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         # many rows and no halving for replicas happens; None means "variable size" (see the module docstring).
         self.batch_size = batch_size if max_tokens_per_batch is None and num_replicas == 1 else None
 
+        # Batches are cut at the largest budget: image tokens never grow when the budget shrinks, so these lengths
+        # bound the lengths at every drawn budget (`lengths_at` gives the exact ones).
+        batching_budget = max(self.budgets) if self.budgets else None
         self.lengths, self.keys, self.shapes = [], [], []
         for index, (sizes, text_length) in enumerate(zip(image_sizes, text_lengths)):
-            image_tokens, key, shapes = self._plan_row(sizes)
+            image_tokens, key, shapes = self._plan_row(sizes, batching_budget)
             length = int(text_length) + image_tokens
             if max_tokens_per_batch is not None and length > max_tokens_per_batch:
                 raise ValueError(
@@ -149,6 +186,9 @@ class BucketBatchSampler(Sampler[list[int]]):
             self.lengths.append(length)
             self.keys.append(key)
             self.shapes.append(shapes)
+        self._image_sizes = image_sizes if self.budgets else None  # for `lengths_at`
+        self._text_lengths = text_lengths
+        self._lengths_at = {}  # budget -> exact lengths, computed when asked for
         self.rounded_lengths = [-(-length // length_step) * length_step for length in self.lengths]
         # numpy views of the sort keys of `batches` (shapes by rank): sorting millions of rows with a Python key
         # function takes tens of seconds
@@ -164,22 +204,26 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     # --- plan and buckets: read from the image processor, never re-derived -------------------------------
 
-    def plan(self, height: int, width: int) -> ImagePlan:
-        # Cached by size: datasets of millions of rows have far fewer distinct sizes, and planning is pure Python.
-        key = (height, width)
+    def plan(self, height: int, width: int, budget: int | None = None) -> ImagePlan:
+        """The image's plan under the sampler's `plan_overrides`, at `budget` image tokens when given.
+
+        Cached by (size, budget): datasets of millions of rows have far fewer distinct sizes, and planning is pure
+        Python."""
+        key = (height, width, budget)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self.image_processor.plan(height, width, **self.plan_overrides)
+            overrides = self.plan_overrides if budget is None else {**self.plan_overrides, "max_image_tokens": budget}
+            plan = self._plans[key] = self.image_processor.plan(height, width, **overrides)
         return plan
 
-    def _plan_row(self, sizes) -> tuple[int, tuple, tuple]:
+    def _plan_row(self, sizes, budget: int | None = None) -> tuple[int, tuple, tuple]:
         """(image tokens, bucket key, resized shapes) of one sample's image sizes, cached for hashable sizes
         (`from_dataset` hands rows with equal sizes the same tuple: a large dataset has few distinct ones)."""
         try:
-            return self._rows[sizes]
+            return self._rows[sizes, budget]
         except (KeyError, TypeError):  # not seen yet, or a list (unhashable)
             pass
-        plans = [self.plan(height, width) for height, width in _as_image_list(sizes)]
+        plans = [self.plan(height, width, budget) for height, width in _as_image_list(sizes)]
         planned = (
             sum(plan.num_tokens for plan in plans),
             tuple(sorted(self.bucket_of(plan) for plan in plans)),
@@ -187,10 +231,21 @@ class BucketBatchSampler(Sampler[list[int]]):
         )
         if isinstance(sizes, tuple):
             try:
-                self._rows[sizes] = planned
+                self._rows[sizes, budget] = planned
             except TypeError:
                 pass
         return planned
+
+    def lengths_at(self, budget: int | None) -> list[int]:
+        """Exact length (text + image tokens) of every sample when its batch is drawn with `budget`."""
+        if budget is None or not self.budgets:
+            return self.lengths
+        if budget not in self._lengths_at:
+            self._lengths_at[budget] = [
+                int(text_length) + self._plan_row(sizes, budget)[0]
+                for sizes, text_length in zip(self._image_sizes, self._text_lengths)
+            ]
+        return self._lengths_at[budget]
 
     def bucket_of(self, plan: ImagePlan) -> tuple[int, int]:
         if self.snapping:  # every image already sits on one of a few exact shapes: those are the buckets
@@ -261,6 +316,21 @@ class BucketBatchSampler(Sampler[list[int]]):
         order = np.lexsort((tie_break[members], self._sort_shapes[members], self._sort_lengths[members]))
         return members[order].tolist()
 
+    def batch_budgets(self, epoch: int) -> list[int] | None:
+        """The image-token budget of each of `epoch`'s batches (in `batches(epoch)` order); None without budgets.
+
+        Balanced: every entry of `budgets` goes to the same number of batches, give or take one (a random subset
+        of them when there are fewer batches than entries; a budget listed twice gets twice the batches). Drawn
+        from its own random stream of (seed, epoch), so adding budgets leaves the batches themselves as they were.
+        """
+        if not self.budgets:
+            return None
+        count = len(self.batches(epoch))
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        rounds = -(-count // len(self.budgets))
+        pool = np.concatenate([rng.permutation(self.budgets) for _ in range(rounds)])[:count]
+        return [int(budget) for budget in rng.permutation(pool)]
+
     def _pack(self, members: list[int]) -> list[list[int]]:
         """Greedy cut of length-sorted (longest first) samples into batches within the token budget."""
         batches, batch = [], []
@@ -300,11 +370,16 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         batches = self.batches(self.epoch)
+        budgets = self.batch_budgets(self.epoch)
         start, self._skip = self._skip, 0
         self._yielded = start
-        for batch in batches[start:]:
+        for position in range(start, len(batches)):
             self._yielded += 1
-            yield list(batch)
+            if budgets is None:
+                yield list(batches[position])
+            else:
+                plan = {"max_image_tokens": budgets[position]}
+                yield [PlannedIndex(index, plan) for index in batches[position]]
 
     def state_dict(self) -> dict:
         """Where the current epoch stands: batches handed out so far (by this sampler, before sharding)."""
@@ -318,8 +393,28 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._skip = self._yielded = state["num_batches_yielded"]
 
 
+def _check_budgets(budgets, plan_overrides: dict) -> tuple[int, ...] | None:
+    if budgets is None:
+        return None
+    if isinstance(budgets, (int, np.integer)):
+        raise TypeError(f"budgets must be a sequence of token budgets such as [144, 64, 36, 16], got {budgets!r}")
+    budgets = list(budgets)
+    if not budgets:
+        raise ValueError("budgets is empty; give at least one image-token budget or leave it None")
+    bad = [budget for budget in budgets if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool)
+           or budget < 1]
+    if bad:
+        raise ValueError(f"budgets must be positive integers (image tokens per image), got {bad}")
+    if "max_image_tokens" in plan_overrides:
+        raise ValueError(
+            f"plan_overrides sets max_image_tokens={plan_overrides['max_image_tokens']} and budgets are given: "
+            "the drawn budget is the max_image_tokens of each batch, so give one or the other"
+        )
+    return tuple(sorted((int(budget) for budget in budgets), reverse=True))  # a repeated budget weighs more
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-__all__ = ["BucketBatchSampler", "bucket_key", "SIZE_BUCKETS", "ASPECT_RATIO_EDGES"]
+__all__ = ["BucketBatchSampler", "PlannedIndex", "bucket_key", "SIZE_BUCKETS", "ASPECT_RATIO_EDGES"]

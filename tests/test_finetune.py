@@ -64,9 +64,25 @@ def test_digits_short_run_writes_metrics_curve_and_a_loadable_model(tmp_path):
     assert metrics["train_samples"] == 16  # 4 steps x 4 rows
     assert "A:" in stdout and "Which digit is shown and where?" in stdout  # the reloaded model answered
 
+    # the budget curve: the held-out digits at each budget, lowered per call
+    curve = metrics["budget_curve"]
+    assert list(curve) == ["144", "64", "36", "16"]
+    for budget, point in curve.items():
+        assert 0 <= point["digit_accuracy"] <= 1 and 0 <= point["quadrant_accuracy"] <= 1
+        assert 0 < point["mean_image_tokens"] <= int(budget)
+    assert (metrics["digit_accuracy"], metrics["quadrant_accuracy"]) == (
+        curve["144"]["digit_accuracy"], curve["144"]["quadrant_accuracy"])
+    assert curve["16"]["mean_image_tokens"] < curve["144"]["mean_image_tokens"]
+    assert "budget | digit" in stdout
+    png = (out / "budget_curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    card = (out / "model" / "README.md").read_text()
+    assert "## Accuracy at each image-token budget" in card and "| 16 |" in card and "digit_accuracy" in card
+
     model, processor = load_saved(out / "model")
     assert type(model).__name__ == "NanoVLMForConditionalGeneration"
-    assert processor.image_processor.max_image_size == 192 and processor.image_processor.shuffle_factors == [2]
+    assert processor.image_processor.max_image_size == 192
+    assert processor.image_processor.shuffle_factors == list(model.config.shuffle_factors) == [2, 3, 4]
     sample = digits.DigitsTask(*digits.load_split()["test"], seed=0, max_side=192, limit=1)[0]
     prompt = finetune.chat_prompt(processor, digits.QUESTION)
     inputs = processor(text=[prompt], images=[sample["image"]], return_tensors="pt")
@@ -269,22 +285,68 @@ def test_epoch_sampler_replans_sizes_every_epoch():
     assert list(resumed) == expected and resumed_task.sizes() == task.sizes()
 
 
-def test_push_to_hub_hook_pushes_model_and_processor_after_saving(tmp_path):
+def test_save_and_push_send_processor_and_metrics_with_the_model(tmp_path):
     calls = []
 
-    class Fake:
-        def __init__(self, name):
-            self.name = name
+    class FakeModel:
+        def save_pretrained(self, folder, processor=None, metrics=None):
+            calls.append(("save", str(folder), processor, metrics))
 
-        def save_pretrained(self, folder):
-            calls.append((self.name, "save", str(folder)))
+        def push_to_hub(self, repo, processor=None, metrics=None):
+            calls.append(("push", repo, processor, metrics))
 
-        def push_to_hub(self, repo):
-            calls.append((self.name, "push", repo))
-
-    finetune.save_and_push(Fake("model"), Fake("processor"), tmp_path, None)
-    assert [call[1] for call in calls] == ["save", "save"]
+    metrics = {"digit_accuracy": 0.9, "budget_curve": {"64": {"digit_accuracy": 0.9}}}
+    finetune.save_and_push(FakeModel(), "the processor", tmp_path, None, metrics=metrics)
+    assert calls == [("save", str(tmp_path), "the processor", metrics)]
     calls.clear()
-    finetune.save_and_push(Fake("model"), Fake("processor"), tmp_path, "me/digits")
-    assert calls == [("model", "save", str(tmp_path)), ("processor", "save", str(tmp_path)),
-                     ("model", "push", "me/digits"), ("processor", "push", "me/digits")]
+    finetune.save_and_push(FakeModel(), "the processor", tmp_path, "me/digits", metrics=metrics)
+    assert calls == [("save", str(tmp_path), "the processor", metrics), ("push", "me/digits", "the processor", metrics)]
+
+
+def test_epoch_sampler_draws_budgets_and_knows_the_world_size():
+    from processing import NanoVLMImageProcessor
+
+    image_processor = NanoVLMImageProcessor(max_image_tokens=144, max_image_size=384, shuffle_factors=(2, 4))
+    schedule = finetune.curriculum(4, 128, 384, start=0.25, full=0.75)
+    task = digits.DigitsTask(*digits.load_split()["train"], seed=0, side_schedule=schedule, limit=90)
+    sampler = finetune.EpochBucketSampler(task, [20] * len(task), image_processor, batch_size=8, seed=0,
+                                          num_replicas=2, budgets=[144, 64, 36, 16])
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) % 2 == 0 and sorted(key.index for batch in batches for key in batch) == list(range(90))
+        assert {key.plan["max_image_tokens"] for batch in batches for key in batch} == {144, 64, 36, 16}
+        lengths = {budget: sampler.lengths_at(budget) for budget in (144, 16)}
+        assert lengths[144] == [20 + image_processor.num_image_tokens(*task.canvas_size(i)) for i in range(90)]
+    assert lengths[16] != lengths[144]  # epoch 3 has the full canvas range: budget 16 plans fewer tokens
+
+
+def test_perceiver_recipe_has_a_fixed_token_count_and_no_budget_draw():
+    recipe = finetune.digits_recipe(finetune.parse_args(["--connector", "perceiver"]))
+    assert recipe["connector"] == "perceiver" and recipe["train_budgets"] is None
+    assert all(budget >= recipe["perceiver_latents"] for budget in recipe["eval_budgets"])
+    model, processor = finetune.build_digits_model(recipe, seed=0)
+    assert model.config.connector == processor.image_processor.connector == "perceiver"
+    assert processor.num_image_tokens(300, 200) == recipe["perceiver_latents"]
+    with pytest.raises(SystemExit, match="unknown recipe key"):
+        finetune.digits_recipe(finetune.parse_args(["--set", "budget=3"]))
+
+
+@pytest.mark.slow
+def test_main_job_runs_under_torchrun_on_two_processes(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(EXAMPLES / "finetune.py"), "--threads", "1", "--output_dir", str(out), "--max_steps", "3",
+               "--train_samples", "40", "--eval_samples", "4", "--batch_size", "4", "--max_side", "192"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_samples"] == 24  # 3 steps x 2 processes x 4 rows
+    assert set(metrics["budget_curve"]) == {"144", "64", "36", "16"}
