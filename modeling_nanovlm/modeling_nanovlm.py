@@ -171,7 +171,7 @@ class NanoVLMConnector(nn.Module):
             # digits task the model learned only what one token carries (the quadrant, not the digit). Distinct
             # random latents break that symmetry; small ones (queries are RMS-normalised, so their scale does not
             # matter there) keep the constant latent out of the output's residual, leaving the image's content.
-            nn.init.normal_(self.perceiver.latents, std=config.initializer_range)
+            nn.init.normal_(self.perceiver.latents, std=getattr(config, "initializer_range", 0.02))
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
