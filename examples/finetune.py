@@ -626,8 +626,9 @@ def run_digits(args) -> dict:
                       f"one nanoVLM ({recipe['connector']}), held-out digits at each budget")
 
     folder = output_dir / "model"
-    card_metrics = {key: metrics[key] for key in ("digit_accuracy", "quadrant_accuracy", "budget_curve",
-                                                  "train_seconds", "train_samples", "eval_samples", "max_steps")}
+    card_metrics = {key: round(metrics[key], 4) if isinstance(metrics[key], float) else metrics[key]
+                    for key in ("digit_accuracy", "quadrant_accuracy", "budget_curve", "train_seconds",
+                                "train_samples", "eval_samples", "max_steps")}
     save_and_push(model, processor, folder, args.push_to_hub, metrics=card_metrics)
     sample = test[0]
     answer = reload_and_ask(folder, sample["image"], QUESTION, max_new_tokens)

@@ -151,7 +151,7 @@ def test_main_job_launches_on_two_processes(tmp_path, launcher):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_samples"] == 4 and 0 <= metrics["digit_accuracy"] <= 1
     assert (out / "model" / "model.safetensors").is_file()
-    assert log.count("reloaded") == NUM_PROCESSES  # each process reloaded the folder the main one wrote
+    assert log.count("reloaded") == 1  # the main process evaluates and reloads; every process took part in saving
 
 
 @pytest.mark.slow
