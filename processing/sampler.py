@@ -332,17 +332,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return [int(budget) for budget in rng.permutation(pool)]
 
     def _pack(self, members: list[int]) -> list[list[int]]:
-        """Greedy cut of length-sorted (longest first) samples into batches within the token budget."""
-        batches, batch = [], []
-        for index in members:
-            longest = self.rounded_lengths[batch[0] if batch else index]  # sorted: the first is the longest
-            too_many_tokens = (len(batch) + 1) * longest > self.max_tokens_per_batch
-            too_many_rows = self.rows_per_batch is not None and len(batch) >= self.rows_per_batch
-            if batch and (too_many_tokens or too_many_rows):
-                batches.append(batch)
-                batch = []
-            batch.append(index)
-        return batches + [batch] if batch else batches
+        return pack_by_tokens(members, self.rounded_lengths.__getitem__, self.max_tokens_per_batch, self.rows_per_batch)
 
     def _split_for_replicas(self, batches: list[list[int]]) -> list[list[int]]:
         """Halve the largest batches until every process gets the same number (never repeats a sample)."""
@@ -411,6 +401,22 @@ def _check_budgets(budgets, plan_overrides: dict) -> tuple[int, ...] | None:
             "the drawn budget is the max_image_tokens of each batch, so give one or the other"
         )
     return tuple(sorted((int(budget) for budget in budgets), reverse=True))  # a repeated budget weighs more
+
+
+def pack_by_tokens(members: list, length_of: Callable, max_tokens: int, max_rows: int | None = None) -> list[list]:
+    """Greedy cut of `members`, sorted longest first, into batches whose padded size (rows x the first row's
+    `length_of`) stays within `max_tokens` and whose rows stay within `max_rows` (the sampler's and the stream's
+    `max_tokens_per_batch` batching)."""
+    batches, batch = [], []
+    for member in members:
+        longest = length_of(batch[0] if batch else member)  # sorted: the first is the longest
+        too_many_tokens = (len(batch) + 1) * longest > max_tokens
+        too_many_rows = max_rows is not None and len(batch) >= max_rows
+        if batch and (too_many_tokens or too_many_rows):
+            batches.append(batch)
+            batch = []
+        batch.append(member)
+    return batches + [batch] if batch else batches
 
 
 def _chunks(items: list, size: int) -> list[list]:

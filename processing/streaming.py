@@ -32,6 +32,7 @@ uninterrupted run. `NanoVLMTrainer` resumes this way from a checkpoint's step co
 from __future__ import annotations
 
 from collections import defaultdict
+from operator import attrgetter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .image_processing_nanovlm import image_size
-from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _chunks, bucket_key
+from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _chunks, bucket_key, pack_by_tokens
 from .sizes import image_source
 
 IMAGE_COLUMNS = ("images", "image")
@@ -289,7 +290,9 @@ class StreamingBucketBatches(IterableDataset):
         for key in sorted(by_bucket):
             members = sorted(by_bucket[key], key=lambda e: (-e.rounded_length, e.shape, e.tie_break))
             if self.max_tokens_per_batch is not None:
-                packed = self._pack(members)
+                packed = pack_by_tokens(
+                    members, attrgetter("rounded_length"), self.max_tokens_per_batch, self.rows_per_batch
+                )
                 if not final:  # the last (shortest) batch of a bucket may still fill up with rows to come
                     kept += packed.pop()
                 batches += packed
@@ -314,19 +317,6 @@ class StreamingBucketBatches(IterableDataset):
             return [order[start : start + sizes[fullest]]], order[:start] + order[start + sizes[fullest]:]
         start = min(start, len(order) - self.rows_per_batch)
         return [order[start : start + self.rows_per_batch]], order[:start] + order[start + self.rows_per_batch :]
-
-    def _pack(self, members: list[_Entry]) -> list[list[_Entry]]:
-        """Greedy cut of length-sorted (longest first) rows into batches within the token budget."""
-        batches, batch = [], []
-        for entry in members:
-            longest = (batch[0] if batch else entry).rounded_length
-            too_many_tokens = (len(batch) + 1) * longest > self.max_tokens_per_batch
-            too_many_rows = self.rows_per_batch is not None and len(batch) >= self.rows_per_batch
-            if batch and (too_many_tokens or too_many_rows):
-                batches.append(batch)
-                batch = []
-            batch.append(entry)
-        return batches + [batch] if batch else batches
 
     def _hand_out(self, batches: list[list[_Entry]], rng: np.random.Generator) -> Iterator[list[dict]]:
         order = rng.permutation(len(batches)) if self.shuffle else range(len(batches))
