@@ -8,13 +8,12 @@ import torch
 
 from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
-from .sizes import image_source
+from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what the LM loss skips
 PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/rows.py)
-IMAGE_COLUMNS = ("images", "image")
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
 
 
@@ -25,8 +24,8 @@ class BadRowError(ValueError):
 def row_name(row, position: int) -> str:
     """How errors name a row: by its dataset index (the reserved `__index__` key) when it has one, else its place in
     the batch."""
-    if isinstance(row, dict) and row.get("__index__") is not None:
-        return f"dataset row {row['__index__']}"
+    if isinstance(row, dict) and row.get(INDEX_KEY) is not None:
+        return f"dataset row {row[INDEX_KEY]}"
     return f"row {position}"
 
 

@@ -6,8 +6,7 @@ from torch.utils.data import Dataset
 
 from .collator import PLAN_KEY
 from .sampler import PlannedIndex
-
-INDEX_KEY = "__index__"  # the row's index in its dataset: errors about a row name it
+from .sizes import INDEX_KEY
 
 
 class PlannedRows(Dataset):

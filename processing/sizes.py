@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SIZES_COLUMN = "image_sizes"
 TEXT_LENGTH_COLUMN = "text_length"
 IMAGE_COLUMNS = ("images", "image")
+INDEX_KEY = "__index__"  # reserved row key: the row's index in its dataset (or stream); errors about a row name it
 
 
 def find_image_column(column_names, image_column: str | None = None) -> str | None:
@@ -269,7 +270,7 @@ def dataset_text_lengths(dataset, text_length: Callable[[dict], int] | str, imag
         row = dict(dataset[index])
         for name in IMAGE_COLUMNS + (image_column,):
             row.pop(name, None)
-        row.setdefault("__index__", index)  # so that errors name the row
+        row.setdefault(INDEX_KEY, index)  # so that errors name the row
         lengths.append(int(text_length(row)))
     return lengths
 
@@ -313,8 +314,8 @@ def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | No
         raise ValueError(f"no 'images' or 'image' column among {names}; pass image_column=")
     if IMAGE_SIZES_COLUMN in names:
         dataset = dataset.remove_columns([IMAGE_SIZES_COLUMN])
-    has_index = "__index__" in names  # errors name a row by its __index__, else by its position
-    read = [image_column, "__index__"] if has_index else [image_column]
+    has_index = INDEX_KEY in names  # errors name a row by its __index__, else by its position
+    read = [image_column, INDEX_KEY] if has_index else [image_column]
     sizes = dataset.select_columns(read).with_format("arrow").map(
         _sizes_of_batch,
         batched=True,
@@ -336,7 +337,7 @@ def _text_lengths_of_batch(batch, positions=None, text_length=None):
     rows = [{key: batch[key][i] for key in keys} for i in range(count)]
     if positions is not None:  # so that errors name the row
         for row, position in zip(rows, positions):
-            row.setdefault("__index__", position)
+            row.setdefault(INDEX_KEY, position)
     return {TEXT_LENGTH_COLUMN: [int(text_length(row)) for row in rows]}
 
 
@@ -356,7 +357,7 @@ def add_text_lengths(dataset, text_length: Callable[[dict], int], num_proc: int 
         _text_lengths_of_batch,
         batched=True,
         batch_size=batch_size,
-        with_indices="__index__" not in text_columns,
+        with_indices=INDEX_KEY not in text_columns,
         remove_columns=text_columns,
         fn_kwargs={"text_length": text_length},
         features=datasets.Features({TEXT_LENGTH_COLUMN: datasets.Value("int32")}),

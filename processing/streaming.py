@@ -41,9 +41,8 @@ from torch.utils.data import IterableDataset
 
 from .image_processing_nanovlm import image_size
 from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _chunks, bucket_key, pack_by_tokens
-from .sizes import image_source
+from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
 
-IMAGE_COLUMNS = ("images", "image")
 
 
 @dataclass
@@ -237,7 +236,7 @@ class StreamingBucketBatches(IterableDataset):
                 f"dataset row {index}: needs {length} tokens ({text} text + {length - text} image), more than "
                 f"max_tokens_per_batch={self.max_tokens_per_batch}"
             )
-        row["__index__"] = index
+        row[INDEX_KEY] = index
         keys = [
             (plan.resized_height, plan.resized_width)
             if self.snapping
