@@ -115,7 +115,7 @@ def plan_image(
     snap_sizes: tuple[int, ...] | None = None,
     snap_aspect_ratios: tuple[float, ...] | None = None,
 ) -> ImagePlan:
-    """The token plan for one image of `height` x `width` pixels (see design.md, "The plan").
+    """The token plan for one image of `height` x `width` pixels (see docs/architecture.md, "The data path").
 
     - aspect kept: each side is rounded to a multiple of patch_size * s (one rounding step at most);
     - the long side is at most `max_image_size`; tiny images grow to at least one token;
