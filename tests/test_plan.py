@@ -35,7 +35,7 @@ SPECIAL_SIZES = [
 BUDGETS = [1, 2, 3, 4, 7, 16, 63, 64, 100, 255, 256, 1000, 1024, 4096]
 
 
-# --- an independent reference for the plan rules (docs/architecture.md) ---------------------------------------
+# --- an independent reference for the plan rules (docs/architecture.md) ------------------------------
 
 
 def nearest_multiples(side: int, scale: Fraction, step: int, max_size: int) -> set[int]:
