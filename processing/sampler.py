@@ -82,6 +82,34 @@ class PlannedIndex(NamedTuple):
     plan: dict
 
 
+def snaps_to_buckets(image_processor, plan_overrides: dict) -> bool:
+    """Whether plans snap images to bucket resolutions (`snap_sizes`, set on the processor or for this call)."""
+    return bool(plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
+
+
+def image_bucket(
+    plan: ImagePlan, snapping: bool, size_buckets: Sequence[int], aspect_ratio_edges: Sequence[float]
+) -> tuple[int, int]:
+    """The bucket of one planned image: its exact shape when images snap to bucket resolutions (the processor
+    owns that grid), else `bucket_key`."""
+    if snapping:
+        return plan.resized_height, plan.resized_width
+    return bucket_key(plan, size_buckets, aspect_ratio_edges)
+
+
+def check_batch_limits(batch_size: int | None, max_tokens_per_batch: int | None):
+    if batch_size is None and max_tokens_per_batch is None:
+        raise ValueError("give batch_size, max_tokens_per_batch, or both")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+
+
+def round_up(length: int, step: int) -> int:
+    return -(-length // step) * step
+
+
 def _as_image_list(sizes) -> list[tuple[int, int]]:
     """One sample's image sizes as a list of (height, width): accepts one pair, a list of pairs, or None."""
     if sizes is None:
@@ -138,12 +166,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     ):
         if len(image_sizes) != len(text_lengths):
             raise ValueError(f"got {len(image_sizes)} image size entries but {len(text_lengths)} text lengths")
-        if batch_size is None and max_tokens_per_batch is None:
-            raise ValueError("give batch_size, max_tokens_per_batch, or both")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-            raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+        check_batch_limits(batch_size, max_tokens_per_batch)
         if num_replicas < 1 or length_step < 1:
             raise ValueError(f"num_replicas and length_step must be >= 1, got {num_replicas} and {length_step}")
         if len(text_lengths) < num_replicas:
@@ -158,7 +181,7 @@ class BucketBatchSampler(Sampler[list[int]]):
                 self.plan(64, 64, budget)
             except ValueError as error:
                 raise ValueError(f"budget {budget}: {error}") from error
-        self.snapping = bool(self.plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
+        self.snapping = snaps_to_buckets(image_processor, self.plan_overrides)
         self.size_buckets = tuple(size_buckets)
         self.aspect_ratio_edges = tuple(aspect_ratio_edges)
         self.rows_per_batch = batch_size
@@ -189,7 +212,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._image_sizes = image_sizes if self.budgets else None  # for `lengths_at`
         self._text_lengths = text_lengths
         self._lengths_at = {}  # budget -> exact lengths, computed when asked for
-        self.rounded_lengths = [-(-length // length_step) * length_step for length in self.lengths]
+        self.rounded_lengths = [round_up(length, length_step) for length in self.lengths]
         # numpy views of the sort keys of `batches` (shapes by rank): sorting millions of rows with a Python key
         # function takes tens of seconds
         self._sort_lengths = -np.asarray(self.rounded_lengths, dtype=np.int64)
@@ -248,9 +271,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self._lengths_at[budget]
 
     def bucket_of(self, plan: ImagePlan) -> tuple[int, int]:
-        if self.snapping:  # every image already sits on one of a few exact shapes: those are the buckets
-            return plan.resized_height, plan.resized_width
-        return bucket_key(plan, self.size_buckets, self.aspect_ratio_edges)
+        return image_bucket(plan, self.snapping, self.size_buckets, self.aspect_ratio_edges)
 
     @classmethod
     def from_dataset(

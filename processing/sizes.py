@@ -144,18 +144,24 @@ def _sizes_from_columns(dataset, names: list[str], image_column: str | None) -> 
         columns = {name: table.column(name).to_pylist() for name in wanted}
     else:
         columns = {name: [dataset[i][name] for i in range(len(dataset))] for name in wanted}
-    if IMAGE_SIZES_COLUMN in columns:
-        return [_row_sizes(sizes, row) for row, sizes in enumerate(columns[IMAGE_SIZES_COLUMN])]
-    sizes = []
-    for row, (height, width) in enumerate(zip(columns["height"], columns["width"])):
-        if isinstance(height, (list, tuple)) or isinstance(width, (list, tuple)):
-            both_lists = isinstance(height, (list, tuple)) and isinstance(width, (list, tuple))
-            if not both_lists or len(height) != len(width):
-                raise ValueError(f"dataset row {row}: 'height' and 'width' must both be numbers or equal-length lists")
-            sizes.append(_row_sizes(list(zip(height, width)), row))
-        else:
-            sizes.append(() if height is None or width is None else _row_sizes([(height, width)], row))
-    return sizes
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return [sizes_from_row(row, index) or () for index, row in enumerate(rows)]
+
+
+def sizes_from_row(row: dict, index) -> tuple | None:
+    """One row's image sizes from its `image_sizes` or `height` + `width` values (numbers, or lists for several
+    images); None when it has neither."""
+    if row.get(IMAGE_SIZES_COLUMN) is not None:
+        return _row_sizes(row[IMAGE_SIZES_COLUMN], index)
+    height, width = row.get("height"), row.get("width")
+    if height is None or width is None:
+        return None
+    if isinstance(height, (list, tuple)) or isinstance(width, (list, tuple)):
+        both_lists = isinstance(height, (list, tuple)) and isinstance(width, (list, tuple))
+        if not both_lists or len(height) != len(width):
+            raise ValueError(f"dataset row {index}: 'height' and 'width' must both be numbers or equal-length lists")
+        return _row_sizes(list(zip(height, width)), index)
+    return _row_sizes([(height, width)], index)
 
 
 def _row_sizes(sizes, row: int) -> tuple:

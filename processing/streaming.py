@@ -40,8 +40,17 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .image_processing_nanovlm import image_size
-from .sampler import ASPECT_RATIO_EDGES, SIZE_BUCKETS, _as_image_list, _chunks, bucket_key, pack_by_tokens
-from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
+from .sampler import (
+    ASPECT_RATIO_EDGES,
+    SIZE_BUCKETS,
+    _chunks,
+    check_batch_limits,
+    image_bucket,
+    pack_by_tokens,
+    round_up,
+    snaps_to_buckets,
+)
+from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source, sizes_from_row
 
 
 
@@ -115,12 +124,7 @@ class StreamingBucketBatches(IterableDataset):
                 f"StreamingBucketBatches reads a datasets.IterableDataset (load_dataset(..., streaming=True) or "
                 f"Dataset.to_iterable_dataset()), got {type(dataset).__name__}"
             )
-        if batch_size is None and max_tokens_per_batch is None:
-            raise ValueError("give batch_size, max_tokens_per_batch, or both")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-            raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+        check_batch_limits(batch_size, max_tokens_per_batch)
         if buffer_size < 1 or (batch_size is not None and buffer_size < batch_size):
             raise ValueError(
                 f"buffer_size={buffer_size} cannot hold one batch of batch_size={batch_size}; "
@@ -149,8 +153,7 @@ class StreamingBucketBatches(IterableDataset):
         self.aspect_ratio_edges = tuple(aspect_ratio_edges)
         self.length_step = length_step
         self.plan_overrides = dict(plan_overrides or {})
-        # The sampler's rule (BucketBatchSampler.bucket_of): with snapping, the exact snapped shape is the bucket.
-        self.snapping = bool(self.plan_overrides.get("snap_sizes") or getattr(image_processor, "snap_sizes", None))
+        self.snapping = snaps_to_buckets(image_processor, self.plan_overrides)
         self.image_column = image_column
         self.repeat = repeat
         self.epoch = 0
@@ -237,16 +240,11 @@ class StreamingBucketBatches(IterableDataset):
                 f"max_tokens_per_batch={self.max_tokens_per_batch}"
             )
         row[INDEX_KEY] = index
-        keys = [
-            (plan.resized_height, plan.resized_width)
-            if self.snapping
-            else bucket_key(plan, self.size_buckets, self.aspect_ratio_edges)
-            for plan in plans
-        ]
+        keys = [image_bucket(plan, self.snapping, self.size_buckets, self.aspect_ratio_edges) for plan in plans]
         return _Entry(
             row=row,
             length=length,
-            rounded_length=-(-length // self.length_step) * self.length_step,
+            rounded_length=round_up(length, self.length_step),
             key=tuple(sorted(keys)),
             shape=tuple(sorted((plan.resized_height, plan.resized_width) for plan in plans)),
             tie_break=float(rng.random()) if self.shuffle else float(index),
@@ -264,15 +262,8 @@ class StreamingBucketBatches(IterableDataset):
         """(height, width) of each image: from `image_sizes` or `height`/`width` columns, else image headers."""
         images = [] if column is None else row[column]
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if row.get("image_sizes") is not None:
-            sizes = _as_image_list(row["image_sizes"])
-        elif row.get("height") is not None and row.get("width") is not None:
-            heights, widths = row["height"], row["width"]
-            if isinstance(heights, (list, tuple)):
-                sizes = [(int(h), int(w)) for h, w in zip(heights, widths)]
-            else:
-                sizes = [(int(heights), int(widths))]
-        else:
+        sizes = sizes_from_row(row, index)
+        if sizes is None:
             return [image_size(image_source(image)) for image in images]
         if len(sizes) != len(images):
             raise ValueError(
