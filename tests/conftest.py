@@ -52,3 +52,15 @@ def make_tiny_model(tokenizer):
 def tiny_model(make_tiny_model):
     """Shared and in eval mode: tests that train or change a model build their own with `make_tiny_model`."""
     return make_tiny_model().eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): two threads on two
+    shared cores spin against other processes and run much slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

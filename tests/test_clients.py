@@ -19,13 +19,7 @@ from processing import ImageInputError
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on two shared cores spin against other processes and run much slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def noise(height, width, seed=0):

@@ -19,12 +19,7 @@ from processing import NanoVLMImageProcessor, NanoVLMProcessor, load_image
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def jpeg(pixels: np.ndarray, orientation: int | None = None, quality: int = 92) -> bytes:

@@ -15,13 +15,7 @@ from processing.offline_tokenizer import build_tokenizer
 ANSWERS = ["7", "The digit 3, top left.", "1 bottom right", "The digit 9 is at the top right of the picture."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on two shared cores spin against other processes and run ~10x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
