@@ -25,11 +25,11 @@ from processing import (
 )
 from processing.collator import BadRowError
 from processing.offline_tokenizer import build_tokenizer
+from test_collator import labelled_spans
 
 datasets = pytest.importorskip("datasets")
 
 REPO = Path(__file__).resolve().parent.parent
-IGNORE = -100
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +55,6 @@ def encoded(photo, height, width, format="JPEG") -> bytes:
     buffer = io.BytesIO()
     photo.resize((width, height)).save(buffer, format=format)
     return buffer.getvalue()
-
-
-def labelled_spans(labels):
-    spans, current = [], []
-    for token in labels.tolist() + [IGNORE]:
-        if token != IGNORE:
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans
 
 
 # --- the row schema ---------------------------------------------------------------------------------------------
