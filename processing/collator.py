@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
+from transformers.feature_extraction_utils import BatchFeature
 
 from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
@@ -15,6 +17,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # what the LM loss skips
 PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/rows.py)
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it
 
 
 class BadRowError(ValueError):
@@ -47,9 +50,15 @@ class NanoVLMCollator:
     `plan_overrides`. Text is rendered with the processor's chat template.
 
     `labels` are -100 everywhere except the tokens of every assistant answer, the closing `<|im_end|>` included
-    (so the model learns to stop) and the newline after it excluded. Text is padded on the right; images are never
-    padded. `max_length` truncates on the right (the processor refuses to cut through an image); a row whose
-    answer is truncated away entirely is an error.
+    (so the model learns to stop) and the newline after it excluded: the tokens the processor's chat template marks
+    with `{% generation %}...{% endgeneration %}`. Each row is rendered and tokenized once, in one
+    `processor.apply_chat_template(..., return_assistant_tokens_mask=True)` call per batch. A processor whose chat
+    template has no such marks (a template of your own, or a backbone's) is a `ValueError` at construction: wrap
+    what the model should learn to say -- each assistant message's content and its end-of-turn token -- in them, as
+    `processing.CHAT_TEMPLATE` does (`processor.chat_template = processing.CHAT_TEMPLATE` restores the default on a
+    processor saved before the marks existed). Text is padded on the right; images are never padded. `max_length`
+    truncates on the right (the processor refuses to cut through an image); a row whose answer is truncated away
+    entirely is an error.
 
     Bad rows -- malformed, an empty answer, an image that cannot be read -- raise `BadRowError` (or the processor's
     `ImageInputError`) naming the row (`row_name`). With `skip_bad_rows=True` they are dropped from their batch
@@ -74,13 +83,10 @@ class NanoVLMCollator:
         self.skipped_examples: list[str] = []  # the first few reasons, for the end-of-run report
         self._last_skip = None
         self.image_token_id = processor.image_token_id
-        # The token that closes a turn: ChatML's <|im_end|> (the default template) even where the tokenizer's eos is
-        # another token, as in base (non-instruct) SmolLM2 checkpoints.
-        has_chatml_end = "<|im_end|>" in self.tokenizer.get_vocab()
-        self.end_of_turn = "<|im_end|>" if has_chatml_end else self.tokenizer.eos_token
+        _marked_chat_template(processor)  # fail here, not at the first batch
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prepared = []  # (row name, text, images, answer spans) of the rows kept
+        prepared = []  # (row name, messages, images) of the rows kept
         for position, row in enumerate(rows):
             try:
                 prepared.append(self._prepare(row, position))
@@ -93,45 +99,65 @@ class NanoVLMCollator:
                     f"all {len(rows)} rows of this batch are bad, so there is nothing to train on "
                     f"({self.skipped_rows} rows skipped so far; the last because {self._last_skip})"
                 )
-            images = [row_images for _, _, row_images, _ in prepared]
             try:
-                batch = self.processor(
-                    text=[text for _, text, _, _ in prepared],
-                    images=images if any(images) else None,
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="right",
-                    truncation=self.max_length is not None,
-                    max_length=self.max_length,
-                    **plan_overrides,
-                )
+                batch = self._encode(prepared, plan_overrides)
                 break
             except ImageInputError as error:
-                bad, named = _name_the_row(error, images, [name for name, _, _, _ in prepared])
+                images = [row_images for _, _, row_images in prepared]
+                bad, named = _name_the_row(error, images, [name for name, _, _ in prepared])
                 if bad is None:  # not one row's image: nothing to skip
                     raise
                 if not self.skip_bad_rows:
                     raise ImageInputError(f"{named} ({SKIP_HINT})", image_index=named.image_index) from error
                 self._skip(str(named))
                 del prepared[bad]  # and collate the others again: bad images are rare
-        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        for index, (name, text, _, spans) in enumerate(prepared):
-            labels[index] = self._row_labels(
-                name, text, spans, batch["input_ids"][index], batch["attention_mask"][index]
-            )
+        labels = self._labels(batch, [name for name, _, _ in prepared])
         return {**batch, "labels": labels}
 
-    def _prepare(self, row: dict, position: int) -> tuple[str, str, list, list[tuple[int, int]]]:
-        """(name, rendered text, images, answer spans) of one row; `BadRowError` if it cannot be trained on."""
+    def _prepare(self, row: dict, position: int) -> tuple[str, list[dict], list]:
+        """(name, messages, images) of one row; `BadRowError` if it cannot be trained on."""
         name = row_name(row, position)
         messages, row_images = self.conversation(row, position)
-        text, spans = self.render(messages, name)
-        if text.count(IMAGE_TOKEN) != len(row_images):
+        placeholders = _count_placeholders(messages)
+        if placeholders != len(row_images):
             raise BadRowError(
-                f"{name}: the text has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                f"{name}: the text has {placeholders} {IMAGE_TOKEN} placeholders "
                 f"but the row has {len(row_images)} images"
             )
-        return name, text, row_images, spans
+        return name, messages, row_images
+
+    def _encode(self, prepared: list[tuple[str, list[dict], list]], plan_overrides: dict) -> BatchFeature:
+        """The rows rendered, tokenized (right-padded, `<image>` expanded) and their images processed, in one call,
+        with `assistant_masks` marking the tokens the chat template puts in `{% generation %}`."""
+        batch = self.processor.apply_chat_template(
+            [messages for _, messages, _ in prepared],
+            chat_template=_marked_chat_template(self.processor),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            processor_kwargs={
+                "images": [row_images for _, _, row_images in prepared],
+                "padding": True,
+                "padding_side": "right",
+                "truncation": self.max_length is not None,
+                "max_length": self.max_length,
+                **plan_overrides,
+            },
+        )
+        # Tensors only now: transformers walks the token offsets one by one to build the mask, 5x slower on tensors.
+        return batch.convert_to_tensors("pt")
+
+    def _labels(self, batch: BatchFeature, names: list[str]) -> torch.Tensor:
+        """The input ids where the template marks the assistant's tokens (`assistant_masks`, popped), -100
+        elsewhere. Image tokens never count, even in an assistant turn."""
+        marked = batch.pop("assistant_masks").bool() & (batch["input_ids"] != self.image_token_id)
+        for name, row_marked in zip(names, marked):
+            if not row_marked.any():
+                raise ValueError(
+                    f"{name}: max_length={self.max_length} truncates away the whole answer "
+                    f"({len(row_marked)} tokens kept); raise max_length"
+                )
+        return batch["input_ids"].masked_fill(~marked, IGNORE_INDEX)
 
     def _skip_or_raise(self, error: BadRowError):
         if not self.skip_bad_rows:
@@ -267,35 +293,7 @@ class NanoVLMCollator:
         if not any(message["role"] == "assistant" and message["content"] for message in messages):
             raise BadRowError(f"{name}: no non-empty assistant turn, so nothing to learn from")
 
-    # --- chat -> text and answer spans -------------------------------------------------------------------
-
-    def render(self, messages: list[dict], name: str | int = 0) -> tuple[str, list[tuple[int, int]]]:
-        """The chat as text, and the character spans of the assistant answers (each up to its end-of-turn token).
-
-        An answer starts where the template's generation prompt for it ends, which holds for any template that
-        renders a conversation as the concatenation of its turns (ChatML does).
-        """
-        text = self._template(messages, add_generation_prompt=False)
-        spans = []
-        for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self._template(messages[:turn], add_generation_prompt=True)
-            through = self._template(messages[: turn + 1], add_generation_prompt=False)
-            if not (through.startswith(before) and text.startswith(through)):
-                where = name if isinstance(name, str) else f"row {name}"
-                raise ValueError(
-                    f"{where}: the chat template does not render turns as a plain concatenation, "
-                    "so the assistant answer cannot be located"
-                )
-            end = through.rfind(self.end_of_turn, len(before))
-            spans.append((len(before), end + len(self.end_of_turn) if end >= 0 else len(through)))
-        return text, spans
-
-    def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    # --- text lengths --------------------------------------------------------------------------------------
 
     def text_length(self, row: dict) -> int:
         """Text tokens of a row, image tokens excluded: the sampler adds those from the image plan.
@@ -309,38 +307,36 @@ class NanoVLMCollator:
             if self.skip_bad_rows:
                 return 0
             raise
-        text = self._template(messages, add_generation_prompt=False)
+        text = self.processor.apply_chat_template(list(messages), tokenize=False)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return sum(1 for token in ids if token != self.image_token_id)
 
-    # --- labels --------------------------------------------------------------------------------------------
 
-    def _row_labels(self, name, text, spans, input_ids, attention_mask) -> torch.Tensor:
-        """Labels for one row of the processor's output, from the answer spans of its unexpanded text.
+def _marked_chat_template(processor) -> str:
+    """The processor's chat template, checked to mark the assistant's tokens with `{% generation %}`: without the
+    marks, `return_assistant_tokens_mask` marks nothing and the collator would have nothing to train on."""
+    template = processor.chat_template
+    if isinstance(template, dict):  # named templates: transformers renders "default"
+        template = template.get("default")
+    if not isinstance(template, str) or not GENERATION_MARK.search(template):
+        raise ValueError(
+            "the processor's chat template does not mark the assistant's answers with {% generation %}..."
+            "{% endgeneration %}, so NanoVLMCollator cannot tell which tokens to train on. Wrap each assistant "
+            "message's content and its end-of-turn token in them, as processing.CHAT_TEMPLATE does; on a processor "
+            "saved before the marks existed, `processor.chat_template = processing.CHAT_TEMPLATE` restores the default"
+        )
+    return template
 
-        The text is tokenized here once more without expanding `<image>` (a special token, so the text around it
-        tokenizes the same either way); its non-image tokens are, in order, the non-image tokens of the row.
-        """
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        text_tokens = [
-            (token, any(start <= offset < end for start, end in spans))
-            for token, (offset, _) in zip(encoding["input_ids"], encoding["offset_mapping"])
-            if token != self.image_token_id
-        ]
-        positions = ((input_ids != self.image_token_id) & (attention_mask == 1)).nonzero().flatten()
-        kept = text_tokens[: len(positions)]  # truncation keeps a prefix
-        if [token for token, _ in kept] != input_ids[positions].tolist():
-            raise RuntimeError(f"{name}: the processor tokenized the text differently from the collator")
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for position, (token, in_answer) in zip(positions.tolist(), kept):
-            if in_answer:
-                labels[position] = token
-        if not (labels != IGNORE_INDEX).any():
-            raise ValueError(
-                f"{name}: max_length={self.max_length} truncates away the whole answer "
-                f"({len(input_ids)} tokens kept); raise max_length"
-            )
-        return labels
+
+def _count_placeholders(messages: list[dict]) -> int:
+    """The `<image>` placeholders a chat renders to: one per image part, plus those written in its text."""
+    count = 0
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            count += 1 if part["type"] == "image" else part["text"].count(IMAGE_TOKEN)
+    return count
 
 
 def _name_the_row(error: ImageInputError, images: list[list], names: list[str]) -> tuple[int | None, ImageInputError]:

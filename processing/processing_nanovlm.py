@@ -10,15 +10,23 @@ from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
 IMAGE_TOKEN = "<image>"
 
 # ChatML, as SmolLM2 uses. Content may be a string or a list of {"type": "image"} / {"type": "text"} parts;
-# each image part becomes one <image> placeholder, expanded by the processor.
+# each image part becomes one <image> placeholder, expanded by the processor. `{% generation %}` marks what a model
+# learns to say -- each assistant answer and its closing <|im_end|>, not the newline after it -- so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` returns it as `assistant_masks` (NanoVLMCollator's
+# labels, TRL's `assistant_only_loss`).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% macro render_content(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% else %}{% for part in content %}"
     "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
+    "{% endmacro %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render_content(message['content']) + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ render_content(message['content']) + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -160,6 +168,11 @@ class NanoVLMProcessor(ProcessorMixin):
         merged = self._merged_kwargs(kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+        # Where each `<image>` went in the expanded text: `apply_chat_template(..., return_assistant_tokens_mask=True)`
+        # asks for it to move the assistant spans past the image tokens.
+        return_replacement_offsets = text_kwargs.pop(
+            "return_text_replacement_offsets", merged.get("return_text_replacement_offsets", False)
+        )
         if text is None:
             if images is None:
                 raise ValueError("give text, images, or both")
@@ -173,7 +186,7 @@ class NanoVLMProcessor(ProcessorMixin):
         grouped = self._images_per_sample(text, images)
 
         flat = [image for group in grouped for image in group]
-        image_inputs = {}
+        image_inputs, replacement_offsets = {}, [[] for _ in text]
         if flat:
             try:
                 image_inputs, replacements = self._process_images(flat, **images_kwargs)
@@ -182,11 +195,14 @@ class NanoVLMProcessor(ProcessorMixin):
                     raise
                 sample = _sample_of_image(error.image_index, grouped)
                 raise ImageInputError(f"sample {sample}, {error}", image_index=error.image_index) from error
-            text, _ = self.get_text_with_replacements(text, replacements)
+            text, replacement_offsets = self.get_text_with_replacements(text, replacements)
 
         encoding = self.tokenizer(text, **text_kwargs)
         self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in text])
-        return BatchFeature(data={**encoding, **image_inputs}, tensor_type=return_tensors)
+        data = {**encoding, **image_inputs}
+        if return_replacement_offsets:
+            data["text_replacement_offsets"] = replacement_offsets
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
     def _process_images(self, images: list, **kwargs):
         """transformers' hook without its `make_flat_list_of_images`: `images` is already flat here, and may hold
