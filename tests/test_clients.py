@@ -93,6 +93,31 @@ def test_trl_sft_trainer_with_our_collator(tmp_path, processor, make_tiny_model)
     assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_trl_assistant_only_loss_labels_what_our_collator_labels(tmp_path, processor, make_tiny_model):
+    """`SFTConfig(assistant_only_loss=True)` reads the `{% generation %}` marks of our chat template (through
+    `return_assistant_tokens_mask`, moved past the expanded image tokens): TRL's own collator then labels exactly
+    the answers and their `<|im_end|>`, as NanoVLMCollator does."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from processing import NanoVLMCollator
+
+    trainer = trl.SFTTrainer(
+        model=make_tiny_model(),
+        processing_class=processor,
+        train_dataset=datasets.Dataset.from_dict(chat_rows(4)),
+        args=trl.SFTConfig(
+            output_dir=str(tmp_path), max_length=None, max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, assistant_only_loss=True,
+        ),
+    )
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    batch = trainer.data_collator([dict(row) for row in rows])
+    ours = NanoVLMCollator(processor)(rows)
+    assert torch.equal(batch["input_ids"], ours["input_ids"]) and torch.equal(batch["labels"], ours["labels"])
+    trainer.train()
+    assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
 def test_labels_at_image_positions_do_not_change_the_loss(processor, tiny_model):
     """...and the model ignores them: the loss is the same with and without labels on image positions."""
     batch = processor(

@@ -169,3 +169,128 @@ def test_bad_rows_raise_a_value_error_naming_the_row(collator, bad_row, message)
     good_row = {"image": image(32, 32), "prompt": "Which digit?", "answer": "7"}
     with pytest.raises(ValueError, match=message):
         collator([good_row, bad_row])
+
+
+# --- labels come from the chat template's {% generation %} marks, in one pass -------------------------------------
+
+
+def varied_rows():
+    """Every row schema: prompt/answer, a system prompt and two answers, two images, images inside the message parts,
+    the Cauldron's `texts` (images in front, or placed), answers that start with whitespace, a text-only row."""
+    from PIL import Image
+
+    return [
+        {"image": image(64, 128), "prompt": "Which digit is shown?", "answer": "The digit 7, top left."},
+        {"images": [image(32, 32), image(48, 96)], "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which?"}, {"type": "image"}]},
+            {"role": "assistant", "content": "7"},
+            {"role": "user", "content": "Where is it?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "top left"}]},
+        ]},
+        {"messages": [
+            {"role": "user", "content": [{"type": "image", "image": image(64, 64)}, {"type": "text", "text": "Which?"}]},
+            {"role": "assistant", "content": "7"},
+        ]},
+        {"images": [Image.fromarray(image(64, 64, 3))], "texts": [
+            {"user": "Which digit is shown?", "assistant": "The digit 7.", "source": "vqa"},
+            {"user": "And where?", "assistant": "Top left."},
+        ]},
+        {"images": [image(40, 40), image(200, 80, 4)], "texts": [{"user": "Left <image>, right <image>: same?",
+                                                                  "assistant": "No."}]},
+        {"image": image(50, 70), "prompt": "Which?", "answer": "\n\nThe digit\n7\n"},
+        {"prompt": "No image here. Which digit?", "answer": " 7, with a leading space"},
+    ]
+
+
+def labels_by_the_old_rule(collator, processor, row) -> list[int]:
+    """The labels of one row as the collator computed them before the template marked the answers, kept as the
+    reference: an answer runs from where the template's generation prompt for it ends through its `<|im_end|>`, a
+    token is labelled when it starts inside an answer, and image tokens never are."""
+    messages, images = collator.conversation(row)
+    text = processor.apply_chat_template(messages, tokenize=False)
+    answers = []
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(processor.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True))
+            answers.append((start, text.index("<|im_end|>", start) + len("<|im_end|>")))
+    sizes = [np.asarray(picture).shape[:2] for picture in images]
+    image_tokens = iter(processor.image_processor.num_image_tokens(*size) for size in sizes)
+    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for token, (offset, _) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        if token == processor.image_token_id:
+            labels += [IGNORE] * next(image_tokens)
+        else:
+            labels.append(token if any(start <= offset < end for start, end in answers) else IGNORE)
+    return labels
+
+
+def test_labels_equal_the_old_rule_on_every_row_schema_alone_and_in_a_batch(collator, processor):
+    rows = varied_rows()
+    batch = collator(rows)
+    for index, row in enumerate(rows):
+        expected = labels_by_the_old_rule(collator, processor, row)
+        assert collator([row])["labels"][0].tolist() == expected
+        assert batch["labels"][index].tolist() == expected + [IGNORE] * (batch["labels"].shape[1] - len(expected))
+
+
+def test_each_row_is_rendered_and_tokenized_once(collator, monkeypatch):
+    """One template render per row and one tokenizer call per batch (before: 1 + 2 renders per answer, and every
+    row tokenized twice)."""
+    import transformers.processing_utils as processing_utils
+
+    rendered, tokenized = [], []
+    render = processing_utils.render_jinja_template
+    tokenize = type(collator.tokenizer).__call__
+
+    def counting_render(conversations, **kwargs):
+        rendered.append(len(conversations))
+        return render(conversations, **kwargs)
+
+    def counting_tokenize(self, text=None, *args, **kwargs):
+        tokenized.append(1 if isinstance(text, str) else len(text))
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(processing_utils, "render_jinja_template", counting_render)
+    monkeypatch.setattr(type(collator.tokenizer), "__call__", counting_tokenize)
+    rows = varied_rows()
+    collator(rows)
+    assert rendered == [len(rows)] and tokenized == [len(rows)]
+
+
+def test_the_processor_marks_the_answers_past_the_expanded_image_tokens(processor):
+    """What the collator and TRL's `assistant_only_loss` read: `assistant_masks` from `apply_chat_template`."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit?"}]},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image"}]},
+        {"role": "assistant", "content": "3 bottom right"},
+    ]
+    out = processor.apply_chat_template(
+        [messages], tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        processor_kwargs={"images": [[image(64, 128), image(200, 40, 1)]]},
+    )
+    marked = labelled_spans(out["input_ids"][0].masked_fill(out["assistant_masks"][0] == 0, IGNORE))
+    assert [processor.decode(span) for span in marked] == ["7<|im_end|>", "3 bottom right<|im_end|>"]
+    assert "offset_mapping" not in out and "text_replacement_offsets" not in out
+
+
+def test_a_chat_template_without_generation_marks_is_a_clear_error(processor):
+    """A user's own template (or a real backbone's) without `{% generation %}` would label nothing: refuse it at
+    construction, saying what to add, rather than train on no token."""
+    from processing import CHAT_TEMPLATE, NanoVLMProcessor
+
+    unmarked = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    custom = NanoVLMProcessor(processor.image_processor, processor.tokenizer, chat_template=unmarked)
+    assert custom.apply_chat_template([{"role": "user", "content": "hi"}]) == processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}]
+    )
+    with pytest.raises(ValueError, match=r"does not mark the assistant's answers with \{% generation %\}.*"
+                                         r"processor.chat_template = processing.CHAT_TEMPLATE"):
+        NanoVLMCollator(custom)
+    custom.chat_template = {"default": CHAT_TEMPLATE}  # named templates: the default one is used
+    collator = NanoVLMCollator(custom)
+    custom.chat_template = unmarked  # changed after construction: refused at the next batch
+    with pytest.raises(ValueError, match="does not mark the assistant's answers"):
+        collator([{"image": image(32, 32), "prompt": "Which digit?", "answer": "7"}])
