@@ -189,7 +189,7 @@ def varied_rows():
             {"role": "assistant", "content": [{"type": "text", "text": "top left"}]},
         ]},
         {"messages": [
-            {"role": "user", "content": [{"type": "image", "image": image(64, 64)}, {"type": "text", "text": "Which?"}]},
+            {"role": "user", "content": [{"type": "image", "image": image(64, 64)}, {"type": "text", "text": "Which"}]},
             {"role": "assistant", "content": "7"},
         ]},
         {"images": [Image.fromarray(image(64, 64, 3))], "texts": [
