@@ -146,7 +146,7 @@ class NanoVLMCollator:
                 **plan_overrides,
             },
         )
-        # Tensors only now: transformers walks the token offsets one by one to build the mask, 5x slower on tensors.
+        # Tensors only now: transformers builds the mask by walking the token offsets in Python, slow over tensors.
         return batch.convert_to_tensors("pt")
 
     def _labels(self, batch: BatchFeature, names: list[str]) -> torch.Tensor:
