@@ -17,16 +17,14 @@
 from __future__ import annotations
 
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import argument_parser, environment, table, training_mix, write_json  # noqa: E402
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import argument_parser, environment, table, training_mix, write_json
 
 
 def million_row_dataset(num_rows: int, seed: int):
