@@ -1,7 +1,10 @@
 """Shared pieces of the benchmark scripts: the synthetic data mix, torch settings, tables, JSON output, charts.
 
-Every figure a script prints is also written, unchanged, to `--json PATH`. Timings on a shared machine are noisy,
-so scripts compare settings as ratios measured in one run, in alternating short windows.
+Each script has the same three parts: `run(...)` measures and returns the figures (a dict), `report(figures)` turns
+them into the printed tables, and `main(argv)` parses the options (`argument_parser`: `--quick`, `--json`, `--seed`),
+prints the report and returns the figures (what `run_all.py` calls). Every figure a script prints is also written,
+unchanged, to `--json PATH`. Timings on a shared machine are noisy, so scripts compare settings as ratios measured
+in one run, in alternating short windows.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def _lognormal_int(rng, median: float, low: int, high: int, sigma: float = 0.6) 
 
 
 def answer_length(rng: np.random.Generator) -> int:
+    """Tokens of one answer, drawn from the three kinds above."""
     kind = rng.choice(3, p=[0.45, 0.30, 0.25])
     if kind == 0:
         return int(rng.integers(1, 6))
@@ -88,6 +92,7 @@ def answer_length(rng: np.random.Generator) -> int:
 
 
 def question_length(rng: np.random.Generator) -> int:
+    """Tokens of one question (log-normal, median 15, 4..120)."""
     return _lognormal_int(rng, 15, 4, 120)
 
 
@@ -172,6 +177,7 @@ def set_torch_threads(threads: int) -> None:
 
 
 def cuda_available() -> bool:
+    """Whether torch is installed and sees a CUDA device."""
     try:
         import torch
     except ImportError:

@@ -225,7 +225,7 @@ def _flops(value: float) -> str:
     return f"{value:.0f} FLOP"
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", choices=("small", "tiny"), default="small")

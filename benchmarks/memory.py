@@ -270,7 +270,7 @@ def plot(figures: dict, path: str) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--long-sides", default="512,1024,1536,2048")
     parser.add_argument("--threads", type=int, default=1)

@@ -324,7 +324,7 @@ def plot(figures: dict, path: str) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=16)

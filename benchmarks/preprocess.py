@@ -311,7 +311,7 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--settings", default="1024:2048,256:1024",
                         help="comma-separated max_image_tokens:max_image_size pairs")

@@ -713,7 +713,7 @@ def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--sections", default="strategies,pipeline,breakdown",
                         help="comma-separated, from strategies (batching strategies), pipeline (workers x pixel "
