@@ -1,7 +1,10 @@
-"""Shared pieces of the benchmark scripts: the synthetic data mix, tables, JSON output, timing helpers.
+"""Shared pieces of the benchmark scripts: the synthetic data mix, torch settings, tables, JSON output, charts.
 
-Every figure a script prints is also written, unchanged, to `--json PATH`. Timings on a shared machine are noisy,
-so scripts compare settings as ratios measured in one run, in alternating short windows.
+Each script has the same three parts: `run(...)` measures and returns the figures (a dict), `report(figures)` turns
+them into the printed tables, and `main(argv)` parses the options (`argument_parser`: `--quick`, `--json`, `--seed`),
+prints the report and returns the figures (what `run_all.py` calls). Every figure a script prints is also written,
+unchanged, to `--json PATH`. Timings on a shared machine are noisy, so scripts compare settings as ratios measured
+in one run, in alternating short windows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import math
 import os
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +82,7 @@ def _lognormal_int(rng, median: float, low: int, high: int, sigma: float = 0.6) 
 
 
 def answer_length(rng: np.random.Generator) -> int:
+    """Tokens of one answer, drawn from the three kinds above."""
     kind = rng.choice(3, p=[0.45, 0.30, 0.25])
     if kind == 0:
         return int(rng.integers(1, 6))
@@ -89,6 +92,7 @@ def answer_length(rng: np.random.Generator) -> int:
 
 
 def question_length(rng: np.random.Generator) -> int:
+    """Tokens of one question (log-normal, median 15, 4..120)."""
     return _lognormal_int(rng, 15, 4, 120)
 
 
@@ -117,6 +121,7 @@ def training_mix(num_samples: int, seed: int = 0, image_scale: float = 1.0, text
 
 
 def mix_description() -> dict:
+    """The mix above in words and shares, for the JSON figures."""
     return {
         "kinds": dict(zip(KINDS, KIND_SHARES)),
         "sizes": {
@@ -152,12 +157,41 @@ def upstream_nanovlm_tokens(height: int, width: int, max_side: int = 2048, tile:
     return tokens_per_tile * (tiles + (1 if tiles > 1 else 0))
 
 
+def log_midpoints(values: Sequence[float]) -> tuple[float, ...]:
+    """Edges half-way, on a log scale, between neighbouring values: sampler buckets that give each snapping size or
+    aspect ratio a bucket of its own."""
+    return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def set_torch_threads(threads: int) -> None:
+    """Run torch on `threads` CPU threads and flush denormals (random tiny weights make many, which are slow on CPU)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def cuda_available() -> bool:
+    """Whether torch is installed and sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------------
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: `--quick`, `--json PATH`, `--seed`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a small setting for smoke tests (seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
@@ -166,6 +200,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 def environment() -> dict:
+    """Python, machine, CPU count, and torch / transformers versions, threads and GPU when torch is installed."""
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
     try:
         import torch
@@ -180,7 +215,8 @@ def environment() -> dict:
     return info
 
 
-def write_json(path: str | None, figures: dict):
+def write_json(path: str | None, figures: dict) -> None:
+    """Write `figures` to `path` (numpy scalars and arrays as plain JSON); nothing when `path` is empty."""
     if not path:
         return
     path = Path(path)
@@ -202,7 +238,8 @@ def _json_default(value):
 def table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     """A plain-text table (right-aligned numbers, left-aligned text)."""
     cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) if cells else len(str(h))
+              for i, h in enumerate(headers)]
     numeric = [all(_is_number(row[i]) for row in rows) if rows else False for i in range(len(headers))]
 
     def line(values):
@@ -229,17 +266,30 @@ def _cell(value) -> str:
 
 
 def pct(fraction: float | None) -> str:
+    """A fraction as a percentage with one decimal, "n/a" for None."""
     return "n/a" if fraction is None else f"{100 * fraction:.1f} %"
 
 
 def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values."""
     return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else float("nan")
 
 
-class Stopwatch:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
 
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> None:
+    """Lay a chart out, save it (dpi 110 unless given), close it and say where it went."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, **{"dpi": 110, **savefig_kwargs})
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -99,7 +99,7 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="generations per mode (alternating)")

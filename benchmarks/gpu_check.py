@@ -84,7 +84,17 @@ def build_batch(processor, rows: int, image_hw, text_tokens: int, image_token_id
     return {k: v.to(device) for k, v in batch.items()}, [plan] * rows, seq_len
 
 
+def _train_step(model, optimizer, autocast, batch: dict):
+    with autocast:
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(model, batch, device, bf16: bool, checkpointing: bool, warmup: int, steps: int) -> dict:
+    """Median step time (after `warmup` steps), peak memory and the last loss, checkpointing on or off."""
     import torch
 
     if checkpointing:
@@ -95,24 +105,15 @@ def measure(model, batch, device, bf16: bool, checkpointing: bool, warmup: int, 
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def step():
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
     for _ in range(warmup):
-        step()
+        _train_step(model, optimizer, autocast, batch)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], None
     for _ in range(steps):
         start = time.perf_counter()
-        loss = step()
+        loss = _train_step(model, optimizer, autocast, batch)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -187,9 +188,11 @@ def report(figures: dict) -> str:
     rows = [
         ["device", s["gpu"] or s["device"]],
         ["model", f"{s['preset']} preset, {s['parameters'] / 1e6:.1f} M parameters, random weights"],
-        ["batch", f"{s['batch_size']} x ({s['image_hw'][0]}x{s['image_hw'][1]} image = {s['tower_patches_per_image']} "
-                  f"patches -> {s['image_tokens_per_image']} tokens (s={s['shuffle_factor']}) + {s['text_tokens']} text)"],
-        ["precision / checkpointing", f"{'bf16 autocast' if s['bf16'] else 'fp32'} / {'on' if s['checkpointing'] else 'off'}"],
+        ["batch", f"{s['batch_size']} x ({s['image_hw'][0]}x{s['image_hw'][1]} image = "
+                  f"{s['tower_patches_per_image']} patches -> {s['image_tokens_per_image']} tokens "
+                  f"(s={s['shuffle_factor']}) + {s['text_tokens']} text)"],
+        ["precision / checkpointing",
+         f"{'bf16 autocast' if s['bf16'] else 'fp32'} / {'on' if s['checkpointing'] else 'off'}"],
         ["step time (median)", f"{figures['step_seconds']:.3f} s"],
         ["samples/s", f"{figures['samples_per_second']:.2f}"],
         ["LM tokens/s", f"{figures['lm_tokens_per_second']:,.0f}"],
@@ -222,7 +225,7 @@ def _flops(value: float) -> str:
     return f"{value:.0f} FLOP"
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", choices=("small", "tiny"), default="small")

@@ -23,7 +23,17 @@ import os
 import sys
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import REPO_ROOT, argument_parser, environment, table, write_json
+from _common import (
+    REPO_ROOT,
+    argument_parser,
+    cuda_available,
+    environment,
+    pyplot,
+    save_figure,
+    set_torch_threads,
+    table,
+    write_json,
+)
 
 GOAL_RATIO = 0.4
 TEXT_TOKENS = 64
@@ -55,8 +65,7 @@ def measure(setting: dict) -> dict:
     from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
     from processing import NanoVLMImageProcessor
 
-    torch.set_num_threads(setting["threads"])
-    torch.set_flush_denormal(True)
+    set_torch_threads(setting["threads"])
     torch.manual_seed(0)
     device = torch.device(setting["device"])
     model = NanoVLMForConditionalGeneration(tiny_config(vision=dict(setting["tower"]))).to(device)
@@ -66,31 +75,11 @@ def measure(setting: dict) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     processor = NanoVLMImageProcessor(max_image_tokens=setting["max_image_tokens"], max_image_size=2048)
-    image_token = model.config.image_token_id
 
     def batch(height, width):
-        plan = processor.plan(height, width)
-        ids = torch.full((1, plan.num_tokens + TEXT_TOKENS), 7)
-        ids[0, 4 : 4 + plan.num_tokens] = image_token
-        labels = ids.clone()
-        labels[ids == image_token] = -100
-        inputs = dict(
-            input_ids=ids, labels=labels,
-            pixel_values=torch.randn(plan.num_patches, 3 * processor.patch_size**2),
-            image_grid_hw=torch.tensor([[plan.grid_height, plan.grid_width]]),
-            image_token_hw=torch.tensor([[plan.token_height, plan.token_width]]),
-            image_shuffle_factor=torch.tensor([plan.shuffle_factor]),
-        )
-        return {k: v.to(device) for k, v in inputs.items()}, plan
+        return _one_image_batch(processor, height, width, model.config.image_token_id, device)
 
-    def step(inputs):
-        loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    step(batch(64, 64)[0])  # warm-up: lazy initialisation, optimizer state
+    _train_step(model, optimizer, batch(64, 64)[0])  # warm-up: lazy initialisation, optimizer state
     long_side = setting["long_side"]
     inputs, plan = batch(long_side * 3 // 4, long_side)
     gc.collect()
@@ -102,7 +91,7 @@ def measure(setting: dict) -> dict:
     else:
         before = _rss_mb()
     start = time.perf_counter()
-    loss = step(inputs)
+    loss = _train_step(model, optimizer, inputs)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -118,6 +107,33 @@ def measure(setting: dict) -> dict:
         "loss": loss,
         "memory_measure": "cuda max_memory_allocated" if cuda else "max RSS (getrusage) growth",
     }
+
+
+def _one_image_batch(processor, height: int, width: int, image_token: int, device) -> tuple[dict, object]:
+    """A training batch of one row: a `height` x `width` image's tokens (random pixels) and TEXT_TOKENS text tokens."""
+    import torch
+
+    plan = processor.plan(height, width)
+    ids = torch.full((1, plan.num_tokens + TEXT_TOKENS), 7)
+    ids[0, 4 : 4 + plan.num_tokens] = image_token
+    labels = ids.clone()
+    labels[ids == image_token] = -100
+    inputs = dict(
+        input_ids=ids, labels=labels,
+        pixel_values=torch.randn(plan.num_patches, 3 * processor.patch_size**2),
+        image_grid_hw=torch.tensor([[plan.grid_height, plan.grid_width]]),
+        image_token_hw=torch.tensor([[plan.token_height, plan.token_width]]),
+        image_shuffle_factor=torch.tensor([plan.shuffle_factor]),
+    )
+    return {k: v.to(device) for k, v in inputs.items()}, plan
+
+
+def _train_step(model, optimizer, inputs: dict) -> float:
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def _worker(setting, connection):
@@ -201,7 +217,7 @@ def run(long_sides, threads, device, max_image_tokens, tower, repeats=1, timeout
 def report(figures: dict) -> str:
     s = figures["settings"]
     rows = []
-    for side, f in figures["by_long_side"].items():
+    for f in figures["by_long_side"].values():
         rows.append([f"{f['image_hw'][0]}x{f['image_hw'][1]}", f["tower_patches"], f["image_tokens"],
                      round(f["peak_growth_mb_off"], 1), round(f["peak_growth_mb_on"], 1),
                      round(f["memory_ratio_on_over_off"], 2), round(f["step_seconds_off"], 2),
@@ -214,7 +230,8 @@ def report(figures: dict) -> str:
                        f"layers; {s['device']}, {s['threads']} thread(s); MB = peak memory growth during the step")]
     g = figures["growth_first_to_last"]
     out.append(f"long side x{g['long_side']:.0f} (patches x{g['tower_patches']:.0f}): memory x{g['memory_off']:.1f} "
-               f"(ckpt off) / x{g['memory_on']:.1f} (on), step time x{g['step_time_off']:.1f} / x{g['step_time_on']:.1f}")
+               f"(ckpt off) / x{g['memory_on']:.1f} (on), step time x{g['step_time_off']:.1f} / "
+               f"x{g['step_time_on']:.1f}")
     last = figures["by_long_side"][str(s["long_sides"][-1])]
     ok = last["memory_ratio_on_over_off"] <= figures["goal"]["memory_ratio_on_over_off_max"]
     out.append(f"goal: checkpointing on/off <= {GOAL_RATIO} at long side {s['long_sides'][-1]}: "
@@ -222,12 +239,9 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
-def plot(figures: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(figures: dict, path: str) -> None:
+    """Memory and step time against the long side, checkpointing off and on."""
+    plt = pyplot()
     sides = [int(s) for s in figures["by_long_side"]]
     f = [figures["by_long_side"][str(s)] for s in sides]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -253,17 +267,14 @@ def plot(figures: dict, path: str):
     fig.suptitle(f"One training step at a fixed budget of {s['max_image_tokens']} image tokens "
                  f"({s['device']}, tower hidden {s['tower']['hidden_size']} x {s['tower']['num_hidden_layers']})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--long-sides", default="512,1024,1536,2048")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     parser.add_argument("--max-image-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (the lowest is kept)")
     parser.add_argument("--plot", metavar="PNG", help="write the chart here (full runs: docs/memory.png)")
@@ -276,15 +287,6 @@ def main(argv=None):
     if args.plot:
         plot(figures, args.plot)
     return figures
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -36,7 +36,18 @@ from collections import Counter
 import numpy as np
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import argument_parser, environment, mix_description, pct, table, training_mix, write_json
+from _common import (
+    argument_parser,
+    environment,
+    log_midpoints,
+    mix_description,
+    pct,
+    pyplot,
+    save_figure,
+    table,
+    training_mix,
+    write_json,
+)
 
 GOALS = {"image_padding": 0.0, "lm_padding_max": 0.05, "tower_calls_per_batch_max": 1.2}
 
@@ -44,10 +55,7 @@ GOALS = {"image_padding": 0.0, "lm_padding_max": 0.05, "tower_calls_per_batch_ma
 # put each snapped shape in a bucket of its own (edges half-way between neighbours, on a log scale).
 SNAP_SIZES = (128, 256, 512, 768, 1024, 1536, 2048)
 SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
-
-
-def _log_midpoints(values):
-    return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
+SNAP_BUCKETS = dict(size_buckets=log_midpoints(SNAP_SIZES), aspect_ratio_edges=log_midpoints(SNAP_ASPECT_RATIOS))
 
 
 def sample_plans(image_processor, image_sizes):
@@ -92,15 +100,14 @@ def batch_figures(batches, plans, text_lengths, patch_size) -> dict:
     }
 
 
-def chunks(indices, size):
+def chunks(indices, size) -> list[list]:
+    """Consecutive batches of `size` indices (the last may be shorter)."""
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
 def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max_image_size: int) -> dict:
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    from processing import BucketBatchSampler, NanoVLMImageProcessor
+    """Padding and tower-call figures of every strategy, whole-epoch and streamed, over one epoch of the mix."""
+    from processing import NanoVLMImageProcessor
 
     mix = training_mix(num_samples, seed=seed)
     sizes, text = mix["image_sizes"], mix["text_lengths"]
@@ -111,50 +118,13 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
     # Token budget: on average as many real tokens per batch as `batch_size` rows, and room for the longest sample.
     budget = max(int(total.max()), math.ceil(batch_size * total.mean() / 1024) * 1024)
 
-    results, notes = {}, {}
-    generator = torch.Generator().manual_seed(seed)
-    results["a_random"] = batch_figures(chunks(torch.randperm(num_samples, generator=generator).tolist(), batch_size),
-                                        plans, text, patch)
-    for key, lengths in (("b_length_grouped_text", list(text)), ("b_length_grouped_total", total.tolist())):
-        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
-        results[key] = batch_figures(chunks(list(iter(sampler)), batch_size), plans, text, patch)
-
-    ours = BucketBatchSampler(sizes, text, ip, batch_size=batch_size, seed=seed)
-    results["c_bucket"] = batch_figures(ours.batches(0), plans, text, patch)
-    ours_budget = BucketBatchSampler(sizes, text, ip, max_tokens_per_batch=budget, seed=seed)
-    results["c_bucket_max_tokens"] = batch_figures(ours_budget.batches(0), plans, text, patch)
-
-    if {"snap_sizes", "snap_aspect_ratios"} <= set(getattr(ip, "plan_fields", ())):
-        snap_ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                        snap_sizes=list(SNAP_SIZES), snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
-        snap_plans = sample_plans(snap_ip, sizes)
-        buckets = dict(size_buckets=_log_midpoints(SNAP_SIZES), aspect_ratio_edges=_log_midpoints(SNAP_ASPECT_RATIOS))
-        snapped = BucketBatchSampler(sizes, text, snap_ip, batch_size=batch_size, seed=seed, **buckets)
-        results["d_bucket_snap"] = batch_figures(snapped.batches(0), snap_plans, text, patch)
-        snapped_budget = BucketBatchSampler(sizes, text, snap_ip, max_tokens_per_batch=budget, seed=seed, **buckets)
-        results["d_bucket_snap_max_tokens"] = batch_figures(snapped_budget.batches(0), snap_plans, text, patch)
-        scale = np.log(snap_plans["resized"].max(1) / plans["resized"].max(1))
-        aspect = np.log((snap_plans["resized"][:, 1] / snap_plans["resized"][:, 0])
-                        / (np.asarray(sizes)[:, 1] / np.asarray(sizes)[:, 0]))
-        notes["snapping_cost"] = {
-            "mean_abs_scale_change": float(np.expm1(np.abs(scale)).mean()),
-            "mean_abs_aspect_change": float(np.expm1(np.abs(aspect)).mean()),
-            "max_abs_aspect_change": float(np.expm1(np.abs(aspect)).max()),
-            "image_tokens_per_image_unsnapped": float(plans["tokens"].mean()),
-            "image_tokens_per_image_snapped": float(snap_plans["tokens"].mean()),
-            "tower_patches_per_image_unsnapped": float((plans["grid"][:, 0] * plans["grid"][:, 1]).mean()),
-            "tower_patches_per_image_snapped": float((snap_plans["grid"][:, 0] * snap_plans["grid"][:, 1]).mean()),
-            "distinct_shapes_unsnapped": len({tuple(r) for r in plans["resized"].tolist()}),
-            "distinct_shapes_snapped": len({tuple(r) for r in snap_plans["resized"].tolist()}),
-        }
-    else:
-        reason = "NanoVLMImageProcessor has no snapping option (snap_sizes / snap_aspect_ratios)"
-        results["d_bucket_snap"] = results["d_bucket_snap_max_tokens"] = None
-        notes["snapping_unavailable"] = reason
-
+    results = baseline_figures(plans, text, total, patch, batch_size, seed)
+    results.update(bucket_figures(ip, sizes, plans, text, patch, batch_size, budget, seed))
+    snap_ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+                                    snap_sizes=list(SNAP_SIZES), snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
+    snap_plans = sample_plans(snap_ip, sizes)
+    results.update(bucket_figures(snap_ip, sizes, snap_plans, text, patch, batch_size, budget, seed, **SNAP_BUCKETS))
     for key, figures in results.items():
-        if figures is None:
-            continue
         per_shape = key.startswith(("c_", "d_"))  # nanoVLM's own batching: one tower call per shape, no padding
         figures["image_padding_as_run"] = 0.0 if per_shape else figures["image_padding_pad_to_max"]
         figures["meets_goals"] = bool(
@@ -164,10 +134,9 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
         )
 
     streaming = streaming_figures(ip, sizes, text, plans, patch, batch_size, budget, seed)
-    if results["d_bucket_snap"] is not None:  # snapping inside the buffer too: one shape per bucket
-        streaming.update(streaming_figures(snap_ip, sizes, text, snap_plans, patch, batch_size, None, seed,
-                                           suffix="_snap", **buckets))
-
+    # snapping inside the buffer too: one shape per bucket
+    streaming.update(streaming_figures(snap_ip, sizes, text, snap_plans, patch, batch_size, None, seed,
+                                       suffix="_snap", **SNAP_BUCKETS))
     return {
         "benchmark": "padding",
         "settings": {
@@ -181,8 +150,51 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
         "goals": GOALS,
         "strategies": results,
         "streaming": streaming,
-        "notes": notes,
+        "notes": {"snapping_cost": snapping_cost(sizes, plans, snap_plans)},
         "environment": environment(),
+    }
+
+
+def baseline_figures(plans, text, total, patch, batch_size, seed) -> dict:
+    """(a) random batches and (b) transformers' LengthGroupedSampler on text and on text + image lengths."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    random_batches = chunks(torch.randperm(len(text), generator=generator).tolist(), batch_size)
+    results = {"a_random": batch_figures(random_batches, plans, text, patch)}
+    for key, lengths in (("b_length_grouped_text", list(text)), ("b_length_grouped_total", total.tolist())):
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+        results[key] = batch_figures(chunks(list(iter(sampler)), batch_size), plans, text, patch)
+    return results
+
+
+def bucket_figures(ip, sizes, plans, text, patch, batch_size, budget, seed, **bucket_edges) -> dict:
+    """BucketBatchSampler by batch size and by token budget: (c), or (d) when `ip` snaps (edges given)."""
+    from processing import BucketBatchSampler
+
+    key = "d_bucket_snap" if bucket_edges else "c_bucket"
+    by_size = BucketBatchSampler(sizes, text, ip, batch_size=batch_size, seed=seed, **bucket_edges)
+    by_budget = BucketBatchSampler(sizes, text, ip, max_tokens_per_batch=budget, seed=seed, **bucket_edges)
+    return {key: batch_figures(by_size.batches(0), plans, text, patch),
+            f"{key}_max_tokens": batch_figures(by_budget.batches(0), plans, text, patch)}
+
+
+def snapping_cost(sizes, plans, snap_plans) -> dict:
+    """How far snapping moves images (scale, aspect) and what it does to tokens, patches and distinct shapes."""
+    scale = np.log(snap_plans["resized"].max(1) / plans["resized"].max(1))
+    aspect = np.log((snap_plans["resized"][:, 1] / snap_plans["resized"][:, 0])
+                    / (np.asarray(sizes)[:, 1] / np.asarray(sizes)[:, 0]))
+    return {
+        "mean_abs_scale_change": float(np.expm1(np.abs(scale)).mean()),
+        "mean_abs_aspect_change": float(np.expm1(np.abs(aspect)).mean()),
+        "max_abs_aspect_change": float(np.expm1(np.abs(aspect)).max()),
+        "image_tokens_per_image_unsnapped": float(plans["tokens"].mean()),
+        "image_tokens_per_image_snapped": float(snap_plans["tokens"].mean()),
+        "tower_patches_per_image_unsnapped": float((plans["grid"][:, 0] * plans["grid"][:, 1]).mean()),
+        "tower_patches_per_image_snapped": float((snap_plans["grid"][:, 0] * snap_plans["grid"][:, 1]).mean()),
+        "distinct_shapes_unsnapped": len({tuple(r) for r in plans["resized"].tolist()}),
+        "distinct_shapes_snapped": len({tuple(r) for r in snap_plans["resized"].tolist()}),
     }
 
 
@@ -228,10 +240,7 @@ def report(figures: dict) -> str:
     s = figures["settings"]
     rows = []
     for key, label in LABELS.items():
-        f = figures["strategies"].get(key)
-        if f is None:
-            rows.append([label, None, None, "unavailable", None, None, None])
-            continue
+        f = figures["strategies"][key]
         rows.append([label, f["batches"], round(f["mean_rows_per_batch"], 1), pct(f["image_padding_pad_to_max"]),
                      pct(f["image_padding_as_run"]), round(f["tower_calls_per_batch"], 2), pct(f["lm_padding"])])
     headers = ["strategy", "batches", "rows/batch", "img pad if padded", "img pad as run", "tower calls/batch",
@@ -249,22 +258,17 @@ def report(figures: dict) -> str:
     out.append(f"goals: image padding 0, LM padding <= {pct(g['lm_padding_max'])}, tower calls/batch <= "
                f"{g['tower_calls_per_batch_max']}")
     for key in ("c_bucket", "c_bucket_max_tokens", "d_bucket_snap", "d_bucket_snap_max_tokens"):
-        f = figures["strategies"].get(key)
-        verdict = "unavailable" if f is None else ("meets the goals" if f["meets_goals"] else "misses a goal")
+        verdict = "meets the goals" if figures["strategies"][key]["meets_goals"] else "misses a goal"
         out.append(f"  {LABELS[key]}: {verdict}")
     out.append("")
     out.append(streaming_report(figures))
-    notes = figures["notes"]
-    if "snapping_unavailable" in notes:
-        out.append(f"(d) unavailable: {notes['snapping_unavailable']}")
-    if "snapping_cost" in notes:
-        c = notes["snapping_cost"]
-        out.append(f"snapping cost: long side moved {pct(c['mean_abs_scale_change'])} on average, aspect ratio "
-                   f"{pct(c['mean_abs_aspect_change'])} on average (max {pct(c['max_abs_aspect_change'])}); image "
-                   f"tokens/image {c['image_tokens_per_image_unsnapped']:.0f} -> {c['image_tokens_per_image_snapped']:.0f}, "
-                   f"tower patches/image {c['tower_patches_per_image_unsnapped']:.0f} -> "
-                   f"{c['tower_patches_per_image_snapped']:.0f}; distinct shapes {c['distinct_shapes_unsnapped']} -> "
-                   f"{c['distinct_shapes_snapped']}")
+    c = figures["notes"]["snapping_cost"]
+    out.append(f"snapping cost: long side moved {pct(c['mean_abs_scale_change'])} on average, aspect ratio "
+               f"{pct(c['mean_abs_aspect_change'])} on average (max {pct(c['max_abs_aspect_change'])}); image "
+               f"tokens/image {c['image_tokens_per_image_unsnapped']:.0f} -> "
+               f"{c['image_tokens_per_image_snapped']:.0f}, tower patches/image "
+               f"{c['tower_patches_per_image_unsnapped']:.0f} -> {c['tower_patches_per_image_snapped']:.0f}; "
+               f"distinct shapes {c['distinct_shapes_unsnapped']} -> {c['distinct_shapes_snapped']}")
     return "\n".join(out)
 
 
@@ -273,9 +277,9 @@ def streaming_report(figures: dict) -> str:
     rows = []
     for mode, suffix in (("batch", ""), ("max_tokens", "_max_tokens")):
         reference = [("(a) random, whole epoch", strategies["a_random"])] if not suffix else []
-        reference.append((f"(c) BucketBatchSampler, whole epoch", strategies[f"c_bucket{suffix}"]))
+        reference.append(("(c) BucketBatchSampler, whole epoch", strategies[f"c_bucket{suffix}"]))
         streamed = [(f"streaming, buffer {size:,}", streaming[f"buffer_{size}{suffix}"]) for size in STREAM_BUFFERS]
-        if not suffix and strategies.get("d_bucket_snap") is not None:
+        if not suffix:
             streamed += [("(d) BucketBatchSampler + snap, whole epoch", strategies["d_bucket_snap"])]
             streamed += [(f"streaming + snap, buffer {size:,}", streaming[f"buffer_{size}_snap"])
                          for size in STREAM_BUFFERS]
@@ -287,22 +291,21 @@ def streaming_report(figures: dict) -> str:
         f"same {s['samples']} samples, batch {s['batch_size']} / max_tokens_per_batch={s['max_tokens_per_batch']}"))
 
 
-def plot(figures: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in LABELS if figures["strategies"].get(k) is not None]
+def plot(figures: dict, path: str) -> None:
+    """Three bar panels per strategy: image padding if padded, LM padding, tower calls per batch."""
+    plt = pyplot()
+    keys = list(LABELS)
     labels = [LABELS[k] for k in keys]
     f = [figures["strategies"][k] for k in keys]
     colors = ["#b0b0b0" if k.startswith(("a_", "b_")) else "#2f7ed8" for k in keys]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
     y = np.arange(len(keys))
     panels = [
-        ([100 * x["image_padding_pad_to_max"] for x in f], "tower patches that are padding, %\n(batch padded to its largest image)", None),
+        ([100 * x["image_padding_pad_to_max"] for x in f],
+         "tower patches that are padding, %\n(batch padded to its largest image)", None),
         ([100 * x["lm_padding"] for x in f], "LM tokens that are padding, %", 100 * GOALS["lm_padding_max"]),
-        ([x["tower_calls_per_batch"] for x in f], "distinct image shapes per batch\n(= nanoVLM tower calls)", GOALS["tower_calls_per_batch_max"]),
+        ([x["tower_calls_per_batch"] for x in f],
+         "distinct image shapes per batch\n(= nanoVLM tower calls)", GOALS["tower_calls_per_batch_max"]),
     ]
     for ax, (values, title, goal) in zip(axes, panels):
         ax.barh(y, values, color=colors)
@@ -318,13 +321,10 @@ def plot(figures: dict, path: str):
     s = figures["settings"]
     fig.suptitle(f"One epoch of {s['samples']} samples of a mixed-size VLM training set, batch {s['batch_size']} "
                  f"(grey: baselines; blue: nanoVLM, which runs the tower per shape and never pads images)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -287,7 +287,7 @@ def run(settings, rounds: int, num_sources: int | None, sizes, threads: int) -> 
 def report(figures: dict) -> str:
     s = figures["settings"]
     out = []
-    for budget, r in figures["budgets"].items():
+    for r in figures["budgets"].values():
         rows = []
         for name, m in r["methods"].items():
             rows.append([name, round(m["ms_per_image"], 1), round(m["images_per_second"], 1),
@@ -296,9 +296,10 @@ def report(figures: dict) -> str:
                          round(m["pixel_mb_per_image"], 2), f"{r['ratio_to_floor'][name]:.2f}x"])
         out.append(table(
             ["method", "ms/image", "images/s", "image tokens/s", "tokens/image", "pixel MB/image", "x floor"], rows,
-            title=f"Preprocessing, budget {r['max_image_tokens']} tokens, max side {r['max_image_size']}: {s['photos']} JPEG photos "
-                  f"({', '.join(s['photo_sizes'])}), {s['rounds']} round(s), one image per call, "
-                  f"{s['torch_threads']} torch thread(s); qwen2-vl max_pixels={r['qwen2_vl_max_pixels']}, "
+            title=f"Preprocessing, budget {r['max_image_tokens']} tokens, max side {r['max_image_size']}: "
+                  f"{s['photos']} JPEG photos ({', '.join(s['photo_sizes'])}), {s['rounds']} round(s), "
+                  f"one image per call, {s['torch_threads']} torch thread(s); "
+                  f"qwen2-vl max_pixels={r['qwen2_vl_max_pixels']}, "
                   f"idefics3 longest_edge={r['idefics3_longest_edge']}"))
         ratio = r["ratio_to_floor"]["ours float32"]
         goal = figures["goal"]["ours_float32_vs_floor_max"]
@@ -310,7 +311,7 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--settings", default="1024:2048,256:1024",
                         help="comma-separated max_image_tokens:max_image_size pairs")

@@ -4,8 +4,9 @@
     python benchmarks/run_all.py --quick         # smoke settings, all in this process (seconds)
     python benchmarks/run_all.py --only padding,memory
 
-Full runs also draw docs/padding.png, docs/memory.png and docs/throughput_breakdown.png. gpu_check needs CUDA: without it, it is skipped in full
-runs, and in quick runs its Python part is exercised on the CPU with the tiny preset.
+Full runs also draw docs/padding.png, docs/memory.png and docs/throughput_breakdown.png. gpu_check needs CUDA:
+without it, it is skipped in full runs, and in quick runs its Python part is exercised on the CPU with the tiny
+preset.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from _common import DOCS, REPO_ROOT, cuda_available
 
-from _common import DOCS, REPO_ROOT  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 BENCHMARKS = ("padding", "throughput", "preprocess", "memory", "generate", "gpu_check")
 
@@ -59,6 +59,7 @@ def _shown(argument: str) -> str:
 
 
 def run_in_process(name: str, args: list[str]) -> tuple[bool, str]:
+    """Run a benchmark's `main(args)` here, capturing what it prints: (succeeded, output)."""
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output):
@@ -69,12 +70,13 @@ def run_in_process(name: str, args: list[str]) -> tuple[bool, str]:
 
 
 def run_subprocess(name: str, args: list[str]) -> tuple[bool, str]:
+    """Run a benchmark script in a fresh process: (succeeded, output, with stderr when it failed)."""
     completed = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *args], capture_output=True, text=True)
     text = completed.stdout + ("\n" + completed.stderr if completed.returncode else "")
     return completed.returncode == 0, text
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke settings (seconds each)")
     parser.add_argument("--results", default=str(HERE / "results"), help="folder for <name>.json and <name>.txt")
@@ -89,12 +91,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHMARKS}")
     in_process = args.quick if args.in_process is None else args.in_process
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
+    cuda = cuda_available()
 
     summary = {}
     for name in names:

@@ -17,16 +17,14 @@
 from __future__ import annotations
 
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import argument_parser, environment, table, training_mix, write_json  # noqa: E402
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import argument_parser, environment, table, training_mix, write_json
 
 
 def million_row_dataset(num_rows: int, seed: int):
@@ -149,6 +147,23 @@ def header_helper(num_rows: int, seed: int) -> dict:
     return results
 
 
+def report(figures: dict) -> str:
+    """The two tables: building the sampler from columns, and reading sizes from headers."""
+    build, headers = figures["from_columns"], figures["add_image_sizes"]
+    columns = table(["rows", "images", "distinct sizes", "batches", "from_dataset s", "read sizes s", "read lengths s",
+                     "next epoch s"],
+                    [[build["rows"], build["images"], build["distinct_image_sizes"], build["batches"],
+                      build["from_dataset_seconds"], build["read_size_column_seconds"],
+                      build["read_text_length_column_seconds"], build["next_epoch_batches_seconds"]]],
+                    title="BucketBatchSampler.from_dataset from an image_sizes + text_length column")
+    header_table = table(["rows", "rows/s num_proc=1", "rows/s num_proc=2", "cached call s", "1M rows at num_proc=1 s"],
+                         [[headers["rows"], headers["rows_per_second_num_proc_1"],
+                           headers["rows_per_second_num_proc_2"], headers["cached_call_seconds"],
+                           headers["seconds_per_million_rows_num_proc_1"]]],
+                         title="add_image_sizes on real encoded photos (headers only)")
+    return f"{columns}\n\n{header_table}"
+
+
 def main(argv=None) -> dict:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=None, help="rows of the size-column dataset (default 1,000,000)")
@@ -156,24 +171,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     rows = args.rows or (100_000 if args.quick else 1_000_000)
     photos = args.photos or (200 if args.quick else 4_000)
-
     build = build_from_columns(rows, args.seed)
-    print(table(["rows", "images", "distinct sizes", "batches", "from_dataset s", "read sizes s", "read lengths s",
-                 "next epoch s"],
-                [[build["rows"], build["images"], build["distinct_image_sizes"], build["batches"],
-                  build["from_dataset_seconds"], build["read_size_column_seconds"],
-                  build["read_text_length_column_seconds"], build["next_epoch_batches_seconds"]]],
-                title="BucketBatchSampler.from_dataset from an image_sizes + text_length column"))
     headers = header_helper(photos, args.seed)
-    estimate = 1_000_000 / headers["rows_per_second_num_proc_1"]
-    headers["seconds_per_million_rows_num_proc_1"] = round(estimate)
-    print()
-    print(table(["rows", "rows/s num_proc=1", "rows/s num_proc=2", "cached call s", "1M rows at num_proc=1 s"],
-                [[headers["rows"], headers["rows_per_second_num_proc_1"], headers["rows_per_second_num_proc_2"],
-                  headers["cached_call_seconds"], headers["seconds_per_million_rows_num_proc_1"]]],
-                title="add_image_sizes on real encoded photos (headers only)"))
+    headers["seconds_per_million_rows_num_proc_1"] = round(1_000_000 / headers["rows_per_second_num_proc_1"])
     figures = {"settings": {"rows": rows, "photos": photos, "seed": args.seed, "quick": args.quick},
                "from_columns": build, "add_image_sizes": headers, "environment": environment()}
+    print(report(figures))
     write_json(args.json, figures)
     return figures
 

@@ -42,7 +42,6 @@ The input pipeline (`--sections pipeline,breakdown`), on rows whose images are J
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -52,7 +51,18 @@ import numpy as np
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (
-    argument_parser, environment, median, table, training_mix, upstream_nanovlm_tokens, write_json,
+    argument_parser,
+    environment,
+    log_midpoints,
+    median,
+    pct,
+    pyplot,
+    save_figure,
+    set_torch_threads,
+    table,
+    training_mix,
+    upstream_nanovlm_tokens,
+    write_json,
 )
 from processing import NanoVLMCollator, load_image
 
@@ -63,16 +73,50 @@ SNAP_SIZES = (32, 64, 96, 128, 192, 256, 384, 512)
 SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
 
 
+def bench_tokenizer():
+    """The offline ChatML tokenizer every section uses, trained on the benchmark's words."""
+    from processing.offline_tokenizer import build_tokenizer
+
+    return build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+
+
+def tokens_per_word(tokenizer) -> float:
+    sample = " ".join(WORDS * 4)
+    return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / (len(WORDS) * 4)
+
+
+def random_words(rng: np.random.Generator, token_lengths, tokens_per_word: float, end: str = "") -> list[str]:
+    """Texts of random WORDS, one per length, each about that many tokens long."""
+    return [" ".join(rng.choice(WORDS, max(1, round(n / tokens_per_word)))) + end for n in token_lengths]
+
+
+def training_arguments(output_dir: str, batch_size: int, lr: float, seed: int, workers: int, **extra):
+    """The TrainingArguments every benchmark Trainer shares: CPU, no saving or reporting, gradient clipping at 1."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[], use_cpu=True,
+        disable_tqdm=True, save_strategy="no", seed=seed, dataloader_num_workers=workers, max_grad_norm=1.0, **extra,
+    )
+
+
+def train_step(trainer, model, batch) -> float:
+    """The Trainer's step (forward, loss over the batch's answer tokens, backward), clipping and the optimizer step."""
+    loss = trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
+    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return float(loss)
+
+
 class SyntheticRows:
     """Rows {"image": PIL image, "prompt", "answer", "useful_tokens"} of the training mix, images made on access."""
 
     def __init__(self, mix: dict, tokens_per_word: float, seed: int):
         self.sizes = mix["image_sizes"]
         rng = np.random.default_rng(seed + 1)
-        self.prompts = [" ".join(rng.choice(WORDS, max(1, round(q / tokens_per_word)))) + "?"
-                        for q in mix["question_lengths"]]
-        self.answers = [" ".join(rng.choice(WORDS, max(1, round(a / tokens_per_word))))
-                        for a in mix["answer_lengths"]]
+        self.prompts = random_words(rng, mix["question_lengths"], tokens_per_word, end="?")
+        self.answers = random_words(rng, mix["answer_lengths"], tokens_per_word)
         self.useful_tokens = None  # filled in once the processor is known
 
     def __len__(self):
@@ -123,11 +167,6 @@ class BenchCollator(NanoVLMCollator):
         return padded
 
 
-def tokens_per_word(tokenizer) -> float:
-    sample = " ".join(WORDS * 4)
-    return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / (len(WORDS) * 4)
-
-
 def image_token_comparison(processor_kwargs: dict, small_mix: dict, full_mix_samples: int, seed: int) -> dict:
     """Mean image tokens per image: nanoVLM's plan vs upstream nanoVLM's tiles, on this run's and the full mix."""
     from processing import NanoVLMImageProcessor
@@ -161,7 +200,7 @@ def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, 
     import copy
 
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
     from processing import BucketBatchSampler
@@ -171,11 +210,7 @@ def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, 
     base = NanoVLMForConditionalGeneration(
         tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
     )
-    args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[], use_cpu=True,
-        disable_tqdm=True, save_strategy="no", seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
-        max_grad_norm=1.0,
-    )
+    args = training_arguments(output_dir, batch_size, lr, seed, workers=0, remove_unused_columns=False)
     strategies = {}
     for name in names:
         log = deque()
@@ -185,8 +220,8 @@ def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, 
             # sizes and text lengths (from_dataset would read every row again: slow for a large synthetic set).
             snap = name == "ours+snap"
             proc = snap_processor if snap else processor
-            buckets = dict(size_buckets=_log_midpoints(SNAP_SIZES),
-                           aspect_ratio_edges=_log_midpoints(SNAP_ASPECT_RATIOS)) if snap else {}
+            buckets = dict(size_buckets=log_midpoints(SNAP_SIZES),
+                           aspect_ratio_edges=log_midpoints(SNAP_ASPECT_RATIOS)) if snap else {}
             sampler = BucketBatchSampler(rows.sizes, text_lengths, proc.image_processor, batch_size=batch_size,
                                          seed=seed, **buckets)
             trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=proc,
@@ -203,10 +238,6 @@ def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, 
         strategies[name] = {"trainer": trainer, "model": model, "log": log, "loader": trainer.get_train_dataloader(),
                             "iterator": None}
     return strategies
-
-
-def _log_midpoints(values):
-    return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
 
 
 def next_batch(strategy):
@@ -228,11 +259,7 @@ def train_window(strategy, steps: int) -> dict:
             strategy["finished"] = True
             break
         rows, useful_tokens = strategy["log"].popleft()
-        num_items = int((batch["labels"] != -100).sum())
-        loss = trainer.training_step(model, batch, num_items_in_batch=num_items)
-        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
-        trainer.optimizer.step()
-        model.zero_grad(set_to_none=True)
+        losses.append(train_step(trainer, model, batch))
         done += 1
         samples += rows
         useful += useful_tokens
@@ -240,23 +267,19 @@ def train_window(strategy, steps: int) -> dict:
         grids = batch["image_grid_hw"]
         tower_calls += len({tuple(g) for g in grids.tolist()})
         patches += int(grids.prod(-1).sum())
-        losses.append(float(loss))
     return {"seconds": time.perf_counter() - start, "steps": done, "samples": samples, "useful_tokens": useful,
             "lm_positions": lm_positions, "tower_calls": tower_calls, "tower_patches": patches,
             "loss_sum": float(np.sum(losses))}
 
 
 def run(num_samples, window, pad_batches, batch_size, seed, threads, image_scale, text_scale, max_image_tokens,
-        max_image_size, lr, names, full_mix_samples):
-    import torch
-
+        max_image_size, lr, names, full_mix_samples) -> dict:
+    """One epoch per batching strategy, strategies taking turns every `window` batches: samples/s, tokens/s."""
     from processing import NanoVLMImageProcessor, NanoVLMProcessor
-    from processing.offline_tokenizer import build_tokenizer
 
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    set_torch_threads(threads)
     mix = training_mix(num_samples, seed=seed, image_scale=image_scale, text_scale=text_scale)
-    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    tokenizer = bench_tokenizer()
     processor_kwargs = {"max_image_tokens": max_image_tokens, "max_image_size": max_image_size}
     processor = NanoVLMProcessor(NanoVLMImageProcessor(**processor_kwargs), tokenizer)
     snap_processor = NanoVLMProcessor(
@@ -271,64 +294,17 @@ def run(num_samples, window, pad_batches, batch_size, seed, threads, image_scale
     with tempfile.TemporaryDirectory() as output_dir:
         strategies = build_strategies(rows, processor, snap_processor, text_lengths, batch_size, seed, lr,
                                       output_dir, names)
-        # Warm-up, not counted: one step each on a batch from a second, throw-away iterator of its dataloader.
         for name in names:
-            warm = strategies[name]
-            warm_iterator = iter(warm["trainer"].get_train_dataloader())
-            batch = next(warm_iterator)
-            warm["log"].popleft()
-            warm["trainer"].training_step(warm["model"], batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
-            warm["model"].zero_grad(set_to_none=True)
-            del warm_iterator
-            warm["log"].clear()
-        windows = {name: [] for name in names}
-        round_index = 0
-        while True:
-            active = [n for n in names if not strategies[n].get("finished")
-                      and not (n == "pad-to-max" and sum(w["steps"] for w in windows[n]) >= pad_batches)]
-            if not active:
-                break
-            order = active[round_index % len(active):] + active[: round_index % len(active)]  # rotate the leader
-            for name in order:
-                steps = window
-                if name == "pad-to-max":
-                    steps = min(window, pad_batches - sum(w["steps"] for w in windows[name]))
-                result = train_window(strategies[name], steps)
-                if result["steps"]:
-                    windows[name].append(result)
-            round_index += 1
+            warm_up(strategies[name])
+        windows = alternate_windows(strategies, names, window, pad_batches)
 
-    results = {}
-    for name in names:
-        w = windows[name]
-        seconds = sum(x["seconds"] for x in w)
-        steps = sum(x["steps"] for x in w)
-        samples = sum(x["samples"] for x in w)
-        results[name] = {
-            "windows": len(w),
-            "batches": steps,
-            "samples": samples,
-            "whole_epoch": name != "pad-to-max" or samples >= num_samples,
-            "seconds": seconds,
-            "samples_per_second": samples / seconds,
-            "useful_tokens_per_second": sum(x["useful_tokens"] for x in w) / seconds,
-            "seconds_per_batch": seconds / steps,
-            "lm_padding": 1 - sum(x["useful_tokens"] for x in w) / sum(x["lm_positions"] for x in w)
-            if name != "pad-to-max" else None,
-            "lm_positions_per_sample": sum(x["lm_positions"] for x in w) / samples,
-            "tower_calls_per_batch": sum(x["tower_calls"] for x in w) / steps,
-            "tower_patches_per_sample": sum(x["tower_patches"] for x in w) / samples,
-            "mean_loss": sum(x["loss_sum"] for x in w) / steps,
-        }
+    results = {name: strategy_figures(windows[name], num_samples, padded_images=name == "pad-to-max")
+               for name in names}
     ratios = {}
     for a, b in (("ours", "random"), ("ours", "pad-to-max"), ("ours+snap", "random"), ("ours+snap", "ours")):
         if a in results and b in results:
-            ratios[f"{a}_vs_{b}"] = {
-                "samples_per_second": results[a]["samples_per_second"] / results[b]["samples_per_second"],
-                "useful_tokens_per_second": results[a]["useful_tokens_per_second"]
-                / results[b]["useful_tokens_per_second"],
-            }
-
+            ratios[f"{a}_vs_{b}"] = {key: results[a][key] / results[b][key]
+                                     for key in ("samples_per_second", "useful_tokens_per_second")}
     return {
         "benchmark": "throughput",
         "settings": {
@@ -349,22 +325,78 @@ def run(num_samples, window, pad_batches, batch_size, seed, threads, image_scale
     }
 
 
+def warm_up(strategy: dict) -> None:
+    """One uncounted step on a batch from a second, throw-away iterator of the strategy's dataloader."""
+    warm_iterator = iter(strategy["trainer"].get_train_dataloader())
+    batch = next(warm_iterator)
+    strategy["log"].popleft()
+    strategy["trainer"].training_step(strategy["model"], batch,
+                                      num_items_in_batch=int((batch["labels"] != -100).sum()))
+    strategy["model"].zero_grad(set_to_none=True)
+    del warm_iterator
+    strategy["log"].clear()
+
+
+def alternate_windows(strategies: dict, names: list[str], window: int, pad_batches: int) -> dict[str, list[dict]]:
+    """Train every strategy to the end of its epoch (pad-to-max: `pad_batches` batches), `window` batches a turn,
+    the strategy that goes first rotating each round. Returns each strategy's windows (`train_window` results)."""
+    windows = {name: [] for name in names}
+
+    def left(name):  # batches pad-to-max still has to train
+        return pad_batches - sum(w["steps"] for w in windows[name])
+
+    round_index = 0
+    while True:
+        active = [n for n in names if not strategies[n].get("finished") and not (n == "pad-to-max" and left(n) <= 0)]
+        if not active:
+            return windows
+        order = active[round_index % len(active):] + active[: round_index % len(active)]  # rotate the leader
+        for name in order:
+            steps = min(window, left(name)) if name == "pad-to-max" else window
+            result = train_window(strategies[name], steps)
+            if result["steps"]:
+                windows[name].append(result)
+        round_index += 1
+
+
+def strategy_figures(windows: list[dict], num_samples: int, padded_images: bool) -> dict:
+    """A strategy's figures summed over its windows. With `padded_images` (pad-to-max) it may not have trained the
+    whole epoch, and LM padding is left out: its LM positions hold the canvases' tokens, not the samples' own."""
+    total = {key: sum(w[key] for w in windows) for key in windows[0]}
+    seconds, steps, samples = total["seconds"], total["steps"], total["samples"]
+    return {
+        "windows": len(windows),
+        "batches": steps,
+        "samples": samples,
+        "whole_epoch": not padded_images or samples >= num_samples,
+        "seconds": seconds,
+        "samples_per_second": samples / seconds,
+        "useful_tokens_per_second": total["useful_tokens"] / seconds,
+        "seconds_per_batch": seconds / steps,
+        "lm_padding": None if padded_images else 1 - total["useful_tokens"] / total["lm_positions"],
+        "lm_positions_per_sample": total["lm_positions"] / samples,
+        "tower_calls_per_batch": total["tower_calls"] / steps,
+        "tower_patches_per_sample": total["tower_patches"] / samples,
+        "mean_loss": total["loss_sum"] / steps,
+    }
+
+
 def report(figures: dict) -> str:
     s = figures["settings"]
     rows = []
     for name, f in figures["strategies"].items():
         rows.append([name, f["batches"], round(f["samples_per_second"], 1), round(f["useful_tokens_per_second"]),
                      round(f["seconds_per_batch"], 3),
-                     "n/a" if f["lm_padding"] is None else f"{100 * f['lm_padding']:.1f} %",
+                     pct(f["lm_padding"]),
                      round(f["lm_positions_per_sample"]), round(f["tower_calls_per_batch"], 2),
                      round(f["tower_patches_per_sample"])])
     out = [table(["strategy", "batches", "samples/s", "tokens/s", "s/batch", "LM pad", "LM positions/sample",
                   "tower calls/batch", "tower patches/sample"], rows,
                  title=f"Training throughput: tiny model, batch {s['batch_size']}, one epoch of {s['samples']} "
                        f"samples per strategy (pad-to-max: its first {s['pad_to_max_batches']} batches), alternating "
-                       f"every {s['window_steps']} batches; {s['torch_threads']} thread(s); images x{s['image_scale']}, "
-                       f"text x{s['text_scale']}, max_image_tokens={s['max_image_tokens']}, "
-                       f"max_image_size={s['max_image_size']}")]
+                       f"every {s['window_steps']} batches; {s['torch_threads']} thread(s); "
+                       f"images x{s['image_scale']}, text x{s['text_scale']}, "
+                       f"max_image_tokens={s['max_image_tokens']}, max_image_size={s['max_image_size']}")]
     out.append("tokens/s: useful LM tokens (text + the sample's own image tokens), the same per sample everywhere.")
     for key, r in figures["ratios"].items():
         out.append(f"{key}: {r['samples_per_second']:.2f}x samples/s, {r['useful_tokens_per_second']:.2f}x tokens/s")
@@ -407,9 +439,8 @@ class PhotoRows:
         self.images = [photos[i]["bytes"] for i in order]
         self.sizes = [(photos[i]["height"], photos[i]["width"]) for i in order]
         mix = training_mix(num_samples, seed=seed, text_scale=0.25)
-        self.prompts = [" ".join(rng.choice(WORDS, max(1, round(q / tokens_per_word)))) + "?"
-                        for q in mix["question_lengths"]]
-        self.answers = [" ".join(rng.choice(WORDS, max(1, round(a / tokens_per_word)))) for a in mix["answer_lengths"]]
+        self.prompts = random_words(rng, mix["question_lengths"], tokens_per_word, end="?")
+        self.answers = random_words(rng, mix["answer_lengths"], tokens_per_word)
 
     def __len__(self):
         return len(self.images)
@@ -426,16 +457,10 @@ def _pipeline_processor(tokenizer, pixel_dtype: str, max_image_tokens: int, max_
 
 
 def _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, workers, output_dir):
-    from transformers import TrainingArguments
-
     from modeling_nanovlm import NanoVLMTrainer
     from processing import BucketBatchSampler
 
-    args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[],
-        use_cpu=True, disable_tqdm=True, save_strategy="no", seed=seed, dataloader_num_workers=workers,
-        max_grad_norm=1.0,
-    )
+    args = training_arguments(output_dir, batch_size, lr, seed, workers)
     sampler = BucketBatchSampler(rows.sizes, text_lengths, processor.image_processor, batch_size=batch_size, seed=seed)
     trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
                              batch_sampler=sampler, auto_workers=False)
@@ -443,33 +468,24 @@ def _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr
     return trainer
 
 
-def _train_step(trainer, model, batch):
-    loss = trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
-    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
-    trainer.optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return float(loss)
-
-
 def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, max_image_tokens, max_image_size, lr,
-                 quick, workers_list=(0, 2), dtypes=("float32", "uint8")):
+                 quick, workers_list=(0, 2), dtypes=("float32", "uint8")) -> dict:
     """samples/s for every (workers, pixel dtype): fresh iterator per turn, `turn_batches` batches, turns rotating."""
     import copy
 
     import torch
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
-    from processing.offline_tokenizer import build_tokenizer
 
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    set_torch_threads(threads)
+    tokenizer = bench_tokenizer()
     rows = PhotoRows(num_samples, tokens_per_word(tokenizer), seed, quick)
     processors = {d: _pipeline_processor(tokenizer, d, max_image_tokens, max_image_size) for d in dtypes}
     collator = NanoVLMCollator(processors[dtypes[0]])
     text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
     torch.manual_seed(seed)
-    base = NanoVLMForConditionalGeneration(tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
+    base = NanoVLMForConditionalGeneration(
+        tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
     configs = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for workers in workers_list:
@@ -484,25 +500,37 @@ def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, ma
         for name in names:  # warm-up, not counted: first-call costs (allocator, lazy inits) of each configuration
             c = configs[name]
             for batch, _ in zip(c["trainer"].get_train_dataloader(), range(2)):
-                _train_step(c["trainer"], c["model"], batch)
+                train_step(c["trainer"], c["model"], batch)
         for turn in range(turns):
-            order = names[turn % len(names):] + names[: turn % len(names)]
-            for name in order:
-                c = configs[name]
-                start = time.perf_counter()
-                iterator = iter(c["trainer"].get_train_dataloader())
-                for _ in range(turn_batches):
-                    batch = next(iterator, None)
-                    if batch is None:
-                        break
-                    _train_step(c["trainer"], c["model"], batch)
-                    c["samples"] += len(batch["input_ids"])
-                    c["batches"] += 1
-                    c["pixel_bytes"] += batch["pixel_values"].nbytes
-                del iterator  # shuts its workers down; counted, as an epoch's start-up is
-                seconds = time.perf_counter() - start
-                c["seconds"] += seconds
-                c["turn_seconds"].append(seconds)
+            for name in names[turn % len(names):] + names[: turn % len(names)]:
+                pipeline_turn(configs[name], turn_batches)
+    return {"configs": pipeline_figures(configs, turn_batches), "reference": names[0],
+            "settings": {"samples": num_samples, "turn_batches": turn_batches, "turns": turns, "batch_size": batch_size,
+                         "torch_threads": threads, "max_image_tokens": max_image_tokens,
+                         "max_image_size": max_image_size, "photos": ", ".join(f"{w}x{h}" for w, h in rows.photo_sizes),
+                         "cpus": os.cpu_count(), "load_average": _load_average()}}
+
+
+def pipeline_turn(config: dict, turn_batches: int) -> None:
+    """`turn_batches` training steps from a fresh dataloader iterator, added to the configuration's counts."""
+    start = time.perf_counter()
+    iterator = iter(config["trainer"].get_train_dataloader())
+    for _ in range(turn_batches):
+        batch = next(iterator, None)
+        if batch is None:
+            break
+        train_step(config["trainer"], config["model"], batch)
+        config["samples"] += len(batch["input_ids"])
+        config["batches"] += 1
+        config["pixel_bytes"] += batch["pixel_values"].nbytes
+    del iterator  # shuts its workers down; counted, as an epoch's start-up is
+    seconds = time.perf_counter() - start
+    config["seconds"] += seconds
+    config["turn_seconds"].append(seconds)
+
+
+def pipeline_figures(configs: dict, turn_batches: int) -> dict:
+    """samples/s per configuration, over all turns and for the median turn, and relative to the first one."""
     results = {}
     for name, c in configs.items():
         results[name] = {
@@ -513,15 +541,11 @@ def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, ma
             "pixel_mb_per_batch": c["pixel_bytes"] / c["batches"] / 2**20,
             "turn_seconds": [round(s, 3) for s in c["turn_seconds"]],
         }
-    reference = results[names[0]]
+    reference = next(iter(results.values()))
     for r in results.values():
         r["vs_first"] = r["samples_per_second"] / reference["samples_per_second"]
         r["median_vs_first"] = r["median_turn_samples_per_second"] / reference["median_turn_samples_per_second"]
-    return {"configs": results, "reference": names[0],
-            "settings": {"samples": num_samples, "turn_batches": turn_batches, "turns": turns, "batch_size": batch_size,
-                         "torch_threads": threads, "max_image_tokens": max_image_tokens,
-                         "max_image_size": max_image_size, "photos": ", ".join(f"{w}x{h}" for w, h in rows.photo_sizes),
-                         "cpus": os.cpu_count(), "load_average": _load_average()}}
+    return results
 
 
 def _load_average():
@@ -561,67 +585,15 @@ def _timed_image_processor(totals: dict, **settings):
 
 
 def run_breakdown(num_batches, batch_size, seed, threads, max_image_tokens, max_image_size, lr, quick,
-                  dtypes=("float32", "uint8")):
+                  dtypes=("float32", "uint8")) -> dict:
     """Seconds per sample of each part of a training step, in the training process, for each pixel dtype."""
-    import torch
-
-    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
-    from processing import NanoVLMProcessor
-    from processing.offline_tokenizer import build_tokenizer
-
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    tokenizer = build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
+    set_torch_threads(threads)
+    tokenizer = bench_tokenizer()
     rows = PhotoRows(num_batches * batch_size, tokens_per_word(tokenizer), seed, quick)
-    out = {}
     with tempfile.TemporaryDirectory() as output_dir:
-        for dtype in dtypes:
-            totals = {}
-            ip = _timed_image_processor(totals, max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                        pixel_dtype=dtype)
-            processor = NanoVLMProcessor(ip, tokenizer)
-            collator = NanoVLMCollator(processor)
-            text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
-            torch.manual_seed(seed)
-            model = NanoVLMForConditionalGeneration(
-                tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id))
-            trainer = _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, 0, output_dir)
-            samples = 0
-            for index, indices in enumerate(trainer.train_batch_sampler):
-                if index == 0:  # warm-up batch, not counted
-                    _train_step(trainer, model, trainer._prepare_inputs(collator([rows[i] for i in indices])))
-                    totals.clear()
-                    continue
-                with _Timer(totals, "collate_total"):
-                    batch = collator([rows[i] for i in indices])
-                batch = trainer._prepare_inputs(batch)
-                with _Timer(totals, "tower"):
-                    features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"],
-                                                        batch["image_token_hw"], batch["image_shuffle_factor"])
-                    features.float().square().mean().backward()
-                model.zero_grad(set_to_none=True)
-                with _Timer(totals, "step_forward_backward"):
-                    trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
-                with _Timer(totals, "optimizer"):
-                    trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
-                    trainer.optimizer.step()
-                    model.zero_grad(set_to_none=True)
-                samples += len(indices)
-            parts = {
-                "decode": totals["decode"],
-                "resize + patchify + normalise": totals["image_processor"] - totals["decode"],
-                "collate (text, labels)": totals["collate_total"] - totals["image_processor"],
-                "vision tower (fwd + bwd)": totals["tower"],
-                "LM + connector (fwd + bwd)": max(0.0, totals["step_forward_backward"] - totals["tower"]),
-                "optimizer": totals["optimizer"],
-            }
-            total = sum(parts.values())
-            out[dtype] = {
-                "samples": samples,
-                "ms_per_sample": {k: 1000 * v / samples for k, v in parts.items()},
-                "share": {k: v / total for k, v in parts.items()},
-                "total_ms_per_sample": 1000 * total / samples,
-            }
+        out = {dtype: breakdown_one_dtype(dtype, rows, tokenizer, batch_size, seed, max_image_tokens, max_image_size,
+                                          lr, output_dir)
+               for dtype in dtypes}
     return {"by_pixel_dtype": out,
             "settings": {"batches": num_batches, "batch_size": batch_size, "torch_threads": threads,
                          "max_image_tokens": max_image_tokens, "max_image_size": max_image_size,
@@ -630,16 +602,75 @@ def run_breakdown(num_batches, batch_size, seed, threads, max_image_tokens, max_
                                  "is the full step's forward + backward minus that"}}
 
 
-def plot_breakdown(breakdown: dict, path: str):
-    import matplotlib
+def breakdown_one_dtype(dtype, rows, tokenizer, batch_size, seed, max_image_tokens, max_image_size, lr,
+                        output_dir) -> dict:
+    """One epoch of `rows` (the first batch a warm-up), each part of every step timed: ms per sample and share."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
+    from processing import NanoVLMProcessor
 
+    totals = {}
+    ip = _timed_image_processor(totals, max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+                                pixel_dtype=dtype)
+    processor = NanoVLMProcessor(ip, tokenizer)
+    collator = NanoVLMCollator(processor)
+    text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
+    torch.manual_seed(seed)
+    model = NanoVLMForConditionalGeneration(
+        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id))
+    trainer = _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, 0, output_dir)
+    samples = 0
+    for index, indices in enumerate(trainer.train_batch_sampler):
+        if index == 0:  # warm-up batch, not counted
+            train_step(trainer, model, trainer._prepare_inputs(collator([rows[i] for i in indices])))
+            totals.clear()
+            continue
+        timed_step(trainer, model, collator, [rows[i] for i in indices], totals)
+        samples += len(indices)
+    parts = {
+        "decode": totals["decode"],
+        "resize + patchify + normalise": totals["image_processor"] - totals["decode"],
+        "collate (text, labels)": totals["collate_total"] - totals["image_processor"],
+        "vision tower (fwd + bwd)": totals["tower"],
+        "LM + connector (fwd + bwd)": max(0.0, totals["step_forward_backward"] - totals["tower"]),
+        "optimizer": totals["optimizer"],
+    }
+    total = sum(parts.values())
+    return {
+        "samples": samples,
+        "ms_per_sample": {k: 1000 * v / samples for k, v in parts.items()},
+        "share": {k: v / total for k, v in parts.items()},
+        "total_ms_per_sample": 1000 * total / samples,
+    }
+
+
+def timed_step(trainer, model, collator, rows: list[dict], totals: dict) -> None:
+    """Collate `rows` and train on them, adding the seconds of each part to `totals`. The tower runs once more on its
+    own (forward + backward of its features, gradients dropped) to time it apart from the rest of the step."""
+    with _Timer(totals, "collate_total"):
+        batch = collator(rows)
+    batch = trainer._prepare_inputs(batch)
+    with _Timer(totals, "tower"):
+        features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"],
+                                            batch["image_token_hw"], batch["image_shuffle_factor"])
+        features.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    with _Timer(totals, "step_forward_backward"):
+        trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
+    with _Timer(totals, "optimizer"):
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+
+def plot_breakdown(breakdown: dict, path: str) -> None:
+    """A stacked bar per pixel dtype: ms per sample of each part of a step."""
+    plt = pyplot()
     by_dtype = breakdown["by_pixel_dtype"]
     parts = list(next(iter(by_dtype.values()))["ms_per_sample"])
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(by_dtype)))
-    for row, (dtype, figures) in enumerate(by_dtype.items()):
+    for row, figures in enumerate(by_dtype.values()):
         left = 0.0
         for index, part in enumerate(parts):
             value = figures["ms_per_sample"][part]
@@ -648,9 +679,7 @@ def plot_breakdown(breakdown: dict, path: str):
     ax.set_yticks(range(len(by_dtype)), [f"pixels {d}" for d in by_dtype])
     ax.set_xlabel("ms per training sample (tiny model, CPU, 0 workers)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
@@ -684,7 +713,7 @@ def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--sections", default="strategies,pipeline,breakdown",
                         help="comma-separated, from strategies (batching strategies), pipeline (workers x pixel "

@@ -1,6 +1,13 @@
-"""nanoVLM model package. Importing it registers the classes with transformers' Auto factories."""
+"""nanoVLM model package. Importing it registers the classes with transformers' Auto factories.
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, tiny_config
+
+    model = NanoVLMForConditionalGeneration(tiny_config())
+
+See docs/architecture.md for the data path from `processor(...)` to the language model.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_nanovlm import NanoVLMConfig, small_config, tiny_config
 from .modeling_nanovlm import (
@@ -12,6 +19,9 @@ from .modeling_nanovlm import (
     pixel_unshuffle,
 )
 
+# The one place the version is written: setup.cfg reads it (`version = attr: modeling_nanovlm.__version__`).
+__version__ = "0.1.0"
+
 AutoConfig.register(NanoVLMConfig.model_type, NanoVLMConfig, exist_ok=True)
 AutoModel.register(NanoVLMConfig, NanoVLMModel, exist_ok=True)
 AutoModelForImageTextToText.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
@@ -21,7 +31,7 @@ NanoVLMModel.register_for_auto_class("AutoModel")
 NanoVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
-def __getattr__(name):  # the trainer pulls in the Trainer stack; import it only when asked for
+def __getattr__(name: str):  # the trainer pulls in the Trainer stack; import it only when asked for
     if name == "NanoVLMTrainer":
         from .trainer import NanoVLMTrainer
 
@@ -30,6 +40,7 @@ def __getattr__(name):  # the trainer pulls in the Trainer stack; import it only
 
 
 __all__ = [
+    "__version__",
     "NanoVLMConfig",
     "NanoVLMForConditionalGeneration",
     "NanoVLMModel",

@@ -68,7 +68,8 @@ def render_model_card(config, repo: str, image_processor=None, metrics: dict | N
     )
     architecture = _table(
         {
-            "vision tower": f"DINOv3 ViT, {vision.num_hidden_layers} layers x {vision.hidden_size}, patch {vision.patch_size}",
+            "vision tower": f"DINOv3 ViT, {vision.num_hidden_layers} layers x {vision.hidden_size}, "
+            f"patch {vision.patch_size}",
             "connector": config.connector
             + (f", shuffle factors {list(config.shuffle_factors)}" if config.connector == "shuffle" else
                f", {config.perceiver_latents} latents"),

@@ -8,12 +8,16 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import TrainOutput, seed_worker
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+
+if TYPE_CHECKING:
+    from processing import BucketBatchSampler, StreamingBucketBatches
 
 logger = logging.get_logger(__name__)
 
@@ -94,7 +98,8 @@ class NanoVLMTrainer(Trainer):
         self.image_token_budgets = image_token_budgets
         self.add_callback(_SamplerEpochCallback(self))
 
-    def build_train_batch_sampler(self):
+    def build_train_batch_sampler(self) -> BucketBatchSampler:
+        """The `BucketBatchSampler` over the train dataset, with the settings the class docstring lists."""
         from processing import BucketBatchSampler, NanoVLMCollator
 
         if not isinstance(self.data_collator, NanoVLMCollator):
@@ -117,6 +122,7 @@ class NanoVLMTrainer(Trainer):
         )
 
     def get_train_dataloader(self) -> DataLoader:
+        """The train DataLoader: batches from the bucketing sampler (or the stream), prepared by accelerate."""
         from processing import PlannedRows
 
         if self.train_dataset is None:
@@ -144,7 +150,9 @@ class NanoVLMTrainer(Trainer):
         num_workers = args.dataloader_num_workers
         if num_workers == 0 and self.auto_workers:
             num_workers = default_dataloader_workers()
-            logger.info(f"NanoVLMTrainer: {num_workers} DataLoader worker(s) (auto_workers; set dataloader_num_workers)")
+            logger.info(
+                f"NanoVLMTrainer: {num_workers} DataLoader worker(s) (auto_workers; set dataloader_num_workers)"
+            )
         dataloader = DataLoader(
             PlannedRows(self.train_dataset),  # rows carry their index and their batch's drawn budget
             batch_sampler=sampler,
@@ -161,7 +169,7 @@ class NanoVLMTrainer(Trainer):
 
     # --- streamed datasets: buffered bucketing, one shard of the stream per process -------------------------
 
-    def build_train_stream(self):
+    def build_train_stream(self) -> StreamingBucketBatches:
         """The `StreamingBucketBatches` over a streamed train dataset: this process's rows, bucketed in a buffer."""
         from processing import NanoVLMCollator, StreamingBucketBatches
 
@@ -236,8 +244,9 @@ class NanoVLMTrainer(Trainer):
         self.accelerator._dataloaders.append(prepared)  # as Accelerator.prepare_data_loader registers it
         return prepared
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """Resuming on a streamed dataset: the stream skips the batches of the checkpoint's steps itself."""
+    def train(self, resume_from_checkpoint=None, *args, **kwargs) -> TrainOutput:
+        """`Trainer.train`; resuming on a streamed dataset, the stream skips the batches of the checkpoint's steps
+        itself."""
         self._stream_resume_batches = 0
         if not resume_from_checkpoint or not _is_stream(self.train_dataset) or self.args.ignore_data_skip:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -291,8 +300,6 @@ class NanoVLMTrainer(Trainer):
 
 
 def _is_stream(dataset) -> bool:
-    from torch.utils.data import IterableDataset
-
     return isinstance(dataset, IterableDataset)
 
 
@@ -331,9 +338,9 @@ def _check_uint8_normalisation(model, image_processor):
     processor_stats = (image_processor.image_mean, image_processor.image_std)
     if any(ours is None or not np.allclose(ours, theirs) for ours, theirs in zip(model_stats, processor_stats)):
         raise ValueError(
-            f"the image processor sends uint8 pixels (pixel_dtype='uint8') to be normalised by the model, but the model "
-            f"config has image_mean/image_std {model_stats} and the processor {processor_stats}; set the config's "
-            "image_mean and image_std to the processor's"
+            f"the image processor sends uint8 pixels (pixel_dtype='uint8') to be normalised by the model, but the "
+            f"model config has image_mean/image_std {model_stats} and the processor {processor_stats}; "
+            "set the config's image_mean and image_std to the processor's"
         )
 
 
@@ -348,7 +355,8 @@ class _SamplerEpochCallback(TrainerCallback):
     def __init__(self, trainer: NanoVLMTrainer):
         self.trainer = trainer
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        """Hands the sampler the epoch that begins (its floor, when a resumed run starts inside it)."""
         sampler = self.trainer.train_batch_sampler
         if sampler is not None:
             sampler.set_epoch(math.floor(state.epoch or 0))

@@ -1,4 +1,22 @@
-from .image_processing_nanovlm import ImageInputError, ImagePlan, NanoVLMImageProcessor, image_size, load_image, plan_image
+"""nanoVLM processing package: the image processor (the token plan) and the processor, both Hub-exported, then the
+training helpers (collator, bucketing samplers, dataset size columns), which are not.
+
+    from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=256), tokenizer)
+    batch = processor(text=["<image>What is shown?"], images=[image], return_tensors="pt")
+
+See docs/architecture.md for who owns which rule.
+"""
+
+from .image_processing_nanovlm import (
+    ImageInputError,
+    ImagePlan,
+    NanoVLMImageProcessor,
+    image_size,
+    load_image,
+    plan_image,
+)
 from .processing_nanovlm import CHAT_TEMPLATE, IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
 
 __all__ = [
@@ -19,8 +37,8 @@ NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 from .collator import BadRowError, NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
-from .sampler import BucketBatchSampler, PlannedIndex, bucket_key  # noqa: E402
 from .rows import PlannedRows  # noqa: E402
+from .sampler import BucketBatchSampler, PlannedIndex, bucket_key  # noqa: E402
 from .sizes import add_image_sizes, add_text_lengths, keep_images_encoded  # noqa: E402
 from .streaming import StreamingBucketBatches  # noqa: E402
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .image_processing_nanovlm import ImageInputError, image_size
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ def find_image_column(column_names, image_column: str | None = None) -> str | No
 
 
 def column_names(dataset) -> list[str]:
+    """A dataset's column names: `dataset.column_names`, else the keys of its first row."""
     if hasattr(dataset, "column_names"):
         return list(dataset.column_names)
     return list(dataset[0].keys()) if len(dataset) else []
@@ -79,7 +84,7 @@ def image_source(image):
     return image
 
 
-def keep_images_encoded(dataset, image_column: str | None = None):
+def keep_images_encoded(dataset: datasets.Dataset, image_column: str | None = None) -> datasets.Dataset:
     """`dataset` whose image column is not decoded when rows are read: rows hold {"bytes", "path"} structs, which
     the collator decodes. Why: `datasets` decodes images inside `dataset[indices]`, so one broken image would crash
     the DataLoader with no row named; decoded in the collator, it is an error naming the row, or skipped and counted
@@ -299,8 +304,8 @@ def _sizes_of_batch(images, row_names, skip_bad_images):
                                  for row, name in zip(images.to_pylist(), row_names)]}
 
 
-def add_image_sizes(dataset, num_proc: int | None = None, image_column: str | None = None,
-                    skip_bad_images: bool = False, batch_size: int = 1000):
+def add_image_sizes(dataset: datasets.Dataset, num_proc: int | None = None, image_column: str | None = None,
+                    skip_bad_images: bool = False, batch_size: int = 1000) -> datasets.Dataset:
     """`dataset` with an `image_sizes` column: per row, [height, width] of each image, read from file headers.
 
     One `datasets.Dataset.map(num_proc=...)` over the image column in Arrow form (no image is decoded; JPEG, PNG,
@@ -347,8 +352,8 @@ def _text_lengths_of_batch(batch, positions=None, text_length=None):
     return {TEXT_LENGTH_COLUMN: [int(text_length(row)) for row in rows]}
 
 
-def add_text_lengths(dataset, text_length: Callable[[dict], int], num_proc: int | None = None,
-                     image_column: str | None = None, batch_size: int = 1000):
+def add_text_lengths(dataset: datasets.Dataset, text_length: Callable[[dict], int], num_proc: int | None = None,
+                     image_column: str | None = None, batch_size: int = 1000) -> datasets.Dataset:
     """`dataset` with a `text_length` column: `text_length(row)` (e.g. `NanoVLMCollator(processor).text_length`)
     of every row, computed on the rows without their image column (nothing is decoded), cached by `map`. Rows
     without an `__index__` get their position there, so the collator's errors name the row."""

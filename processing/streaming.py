@@ -32,9 +32,9 @@ uninterrupted run. `NanoVLMTrainer` resumes this way from a checkpoint's step co
 from __future__ import annotations
 
 from collections import defaultdict
-from operator import attrgetter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 from torch.utils.data import IterableDataset
@@ -51,7 +51,6 @@ from .sampler import (
     snaps_to_buckets,
 )
 from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source, sizes_from_row
-
 
 
 @dataclass
@@ -162,7 +161,8 @@ class StreamingBucketBatches(IterableDataset):
 
     # --- torch IterableDataset protocol, epochs, resuming ------------------------------------------------------
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass buckets (its own shuffle); a resume point of another epoch is dropped."""
         if epoch != self.epoch:  # a resume point only holds for its own epoch
             self._skip = self._yielded = 0
         self.epoch = epoch
@@ -191,7 +191,7 @@ class StreamingBucketBatches(IterableDataset):
         return {"seed": self.seed, "epoch": self.epoch, "num_batches_yielded": self._yielded,
                 "rank": self.rank, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
         """The next iteration continues `state`'s epoch after the batches it had handed out (with `repeat`, the
         count may run past the end of that epoch into the next ones)."""
         for name in ("seed", "rank", "world_size"):

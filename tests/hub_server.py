@@ -133,7 +133,8 @@ class _Request:
         self.headers = handler.headers
         self.query = query
         self.body = body
-        self.endpoint = f"http://{handler.headers.get('Host') or '%s:%d' % handler.server.server_address[:2]}"
+        host, port = handler.server.server_address[:2]
+        self.endpoint = f"http://{handler.headers.get('Host') or f'{host}:{port}'}"
         self.cdn_url = cdn_url
 
     def json(self):
@@ -493,7 +494,7 @@ ROUTES = [  # (methods, raw path regex, HubState method name); first match wins
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "TestHub/1.0"
-    server: "_Server"
+    server: _Server
 
     def do_GET(self):
         self._dispatch("GET")
@@ -579,7 +580,7 @@ def _apply_range(range_header: str, headers: dict, payload: bytes):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    owner: "HubServer"
+    owner: HubServer
 
 
 class HubServer:
@@ -600,7 +601,7 @@ class HubServer:
         self._servers: list[_Server] = []
         self.url = self.cdn_url = ""
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         for _ in range(2):  # [0] = API, [1] = CDN (a different origin => the client drops auth, as with the real CDN)
             server = _Server((self.host, 0), _Handler)
             server.owner = self
@@ -615,7 +616,7 @@ class HubServer:
             server.server_close()
         self._servers.clear()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -98,7 +98,8 @@ def test_figures_are_consistent(quick_results):
     for config in pipeline.values():
         assert config["samples"] > 0 and config["samples_per_second"] > 0
     # uint8 transport moves a quarter of the bytes of float32
-    float_mb, uint8_mb = pipeline["0 workers, float32"]["pixel_mb_per_batch"], pipeline["0 workers, uint8"]["pixel_mb_per_batch"]
+    float_mb = pipeline["0 workers, float32"]["pixel_mb_per_batch"]
+    uint8_mb = pipeline["0 workers, uint8"]["pixel_mb_per_batch"]
     assert abs(uint8_mb * 4 - float_mb) < 1e-6 * float_mb
     for figures in throughput["breakdown"]["by_pixel_dtype"].values():
         assert set(figures["ms_per_sample"]) >= {"decode", "resize + patchify + normalise", "optimizer"}
@@ -107,10 +108,12 @@ def test_figures_are_consistent(quick_results):
     preprocess = load(results, "preprocess", completed)
     for budget in preprocess["budgets"].values():
         methods = budget["methods"]
-        assert {"floor (decode + resize)", "ours float32", "ours uint8", "qwen2-vl (PIL)", "idefics3 (PIL)"} <= set(methods)
+        expected = {"floor (decode + resize)", "ours float32", "ours uint8", "qwen2-vl (PIL)", "idefics3 (PIL)"}
+        assert expected <= set(methods)
         # ours and the floor see the same plans, so the same image tokens
         assert methods["ours float32"]["tokens_per_image"] == methods["floor (decode + resize)"]["tokens_per_image"]
-        assert methods["ours uint8"]["pixel_mb_per_image"] * 4 == pytest.approx(methods["ours float32"]["pixel_mb_per_image"])
+        uint8_mb, float_mb = methods["ours uint8"]["pixel_mb_per_image"], methods["ours float32"]["pixel_mb_per_image"]
+        assert uint8_mb * 4 == pytest.approx(float_mb)
         assert budget["ratio_to_floor"]["floor (decode + resize)"] == 1.0
 
     memory = load(results, "memory", completed)

@@ -9,10 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
-from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, tiny_config
-from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -22,6 +18,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, tiny_config
+from processing import NanoVLMImageProcessor, NanoVLMProcessor
+from processing.offline_tokenizer import build_tokenizer
 
 # Makes `modeling_nanovlm` and `processing` unimportable, as on a machine that only has the saved folder.
 BLOCK_REPO = "import sys; sys.modules['modeling_nanovlm'] = None; sys.modules['processing'] = None\n"
@@ -159,3 +159,18 @@ def test_from_backbones_loads_both_pretrained_parts(tmp_path):
     image = np.zeros((64, 96, 3), dtype=np.uint8)
     batch = processor(text=["<image>describe"], images=[image], return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_version_has_one_source():
+    """`modeling_nanovlm.__version__` is the package version: setup.cfg reads it rather than repeating it."""
+    import configparser
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    import modeling_nanovlm
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    assert setup["metadata"]["version"] == "attr: modeling_nanovlm.__version__"
+    assert str(Version(modeling_nanovlm.__version__)) == modeling_nanovlm.__version__  # a normalised PEP 440 version

@@ -84,7 +84,8 @@ with torch.no_grad():
     assert torch.equal(model(**batch).logits, reference["logits"])
 photo = Image.fromarray(load_sample_images().images[0])
 chat = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": photo}}, {{"type": "text", "text": "What is shown?"}}]}}]
+content = [{{"type": "image", "image": photo}}, {{"type": "text", "text": "What is shown?"}}]
+messages = [{{"role": "user", "content": content}}]
 answer = chat(text=messages, max_new_tokens=6)[0]["generated_text"][-1]
 assert answer["role"] == "assistant" and isinstance(answer["content"], str)
 print("OK", repr(answer["content"]))
