@@ -46,11 +46,13 @@ class NanoVLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # The same rules and messages as the image processor's `check_plan_settings` (this package cannot import
+        # processing; tests/test_plan.py holds the two to the same answers).
         if self.connector not in CONNECTOR_MODES:
             raise ValueError(f"connector must be one of {CONNECTOR_MODES}, got {self.connector!r}")
+        if not self.shuffle_factors or any(int(s) != s or s < 1 for s in self.shuffle_factors):
+            raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors!r}")
         self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)
-        if not self.shuffle_factors or self.shuffle_factors[0] < 1:
-            raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors}")
         # The LM's own tie setting decides; keep it visible on the composite config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
