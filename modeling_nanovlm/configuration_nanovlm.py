@@ -14,13 +14,21 @@ class NanoVLMConfig(PreTrainedConfig):
     connector (`str`): "shuffle" (pixel shuffle by a per-image factor, average pooling when even the
         largest factor exceeds the budget, then a projection per factor) or "perceiver" (a fixed number
         of latents per image through transformers' Idefics2 Perceiver resampler).
-    shuffle_factors (`list[int]`): allowed pixel-shuffle factors; must match the image processor's.
+    shuffle_factors (`list[int]`): allowed pixel-shuffle factors, one projection each.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
     projector_hidden_act (`str`): activation of the two-layer projection MLP.
     image_mean / image_std (`list[float]`): the image processor's normalisation (ImageNet's, as DINOv3 uses);
         the model applies it to uint8 `pixel_values` (the processor's `pixel_dtype="uint8"`).
+
+    The config is the one source of the settings the weights fix (the tower's `patch_size`, `connector`,
+    `shuffle_factors`, `perceiver_latents`, `image_mean` / `image_std`): build the image processor from it rather
+    than repeating them.
+
+        config = NanoVLMConfig(vision_config=DINOv3ViTConfig(), text_config=LlamaConfig(), shuffle_factors=[2, 4])
+        model = NanoVLMForConditionalGeneration(config)
+        image_processor = NanoVLMImageProcessor.from_model_config(config, max_image_tokens=256)
     """
 
     model_type = "nanovlm"

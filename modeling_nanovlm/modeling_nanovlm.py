@@ -518,7 +518,9 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
 
         The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the embeddings
-        are resized to match; the connector starts from random weights.
+        are resized to match; the connector starts from random weights. `config_kwargs` set the other
+        `NanoVLMConfig` fields (`shuffle_factors=[2, 4]`, `connector="perceiver"`, ...); the matching processor
+        reads them from the model: `NanoVLMProcessor.from_backbones(text_model, model_config=model.config, ...)`.
         """
         vision = AutoModel.from_pretrained(vision_model)
         language = AutoModelForCausalLM.from_pretrained(text_model)

@@ -239,6 +239,32 @@ def test_image_processor_from_model_config_takes_the_models_settings(tokenizer, 
         assert torch.isfinite(model(**batch).logits).all()
 
 
+def test_from_backbones_pair_needs_each_setting_once(tmp_path):
+    """Pretrained backbones with an 8-px patch: the processor learns the patch size (and the factors) from the model,
+    with nothing repeated, and the pair runs."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+
+    from modeling_nanovlm import NanoVLMForConditionalGeneration
+    from processing.offline_tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_register_tokens=0, patch_size=8)).save_pretrained(tmp_path / "vision")
+    tokenizer = build_tokenizer(["a tiny language model for tests"] * 10)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+
+    vision, text = str(tmp_path / "vision"), str(tmp_path / "text")
+    model = NanoVLMForConditionalGeneration.from_backbones(vision, text, shuffle_factors=[2, 4]).eval()
+    processor = NanoVLMProcessor.from_backbones(text, model_config=model.config, max_image_tokens=16)
+    assert (processor.image_processor.patch_size, processor.image_processor.shuffle_factors) == (8, [2, 4])
+    batch = processor(text=["<image>describe"], images=[noise(64, 96)], return_tensors="pt")
+    assert batch["pixel_values"].shape[1] == 3 * 8 * 8
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
 def test_check_model_config_names_every_setting_the_model_would_refuse(processor, tokenizer):
     from modeling_nanovlm import tiny_config
 
@@ -322,9 +348,9 @@ def test_forward_backward_shuffle_connector_mixed_sizes(tokenizer, make_tiny_mod
 
 
 def test_forward_backward_perceiver_connector_mixed_sizes(tokenizer, make_tiny_model):
-    image_processor = NanoVLMImageProcessor(max_image_tokens=64, connector="perceiver", perceiver_latents=8)
-    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32)
+    image_processor = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=64)
+    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = [noise(40, 60, 0), noise(100, 130, 1), noise(300, 200, 2)]
     batch = processor(
         text=["<image> what is it?", "two: <image> and <image> in one."], images=images, padding_side="right",
