@@ -14,13 +14,21 @@ class NanoVLMConfig(PreTrainedConfig):
     connector (`str`): "shuffle" (pixel shuffle by a per-image factor, average pooling when even the
         largest factor exceeds the budget, then a projection per factor) or "perceiver" (a fixed number
         of latents per image through transformers' Idefics2 Perceiver resampler).
-    shuffle_factors (`list[int]`): allowed pixel-shuffle factors; must match the image processor's.
+    shuffle_factors (`list[int]`): allowed pixel-shuffle factors, one projection each.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
     projector_hidden_act (`str`): activation of the two-layer projection MLP.
     image_mean / image_std (`list[float]`): the image processor's normalisation (ImageNet's, as DINOv3 uses);
         the model applies it to uint8 `pixel_values` (the processor's `pixel_dtype="uint8"`).
+
+    The config is the one source of the settings the weights fix (the tower's `patch_size`, `connector`,
+    `shuffle_factors`, `perceiver_latents`, `image_mean` / `image_std`): build the image processor from it rather
+    than repeating them.
+
+        config = NanoVLMConfig(vision_config=DINOv3ViTConfig(), text_config=LlamaConfig(), shuffle_factors=[2, 4])
+        model = NanoVLMForConditionalGeneration(config)
+        image_processor = NanoVLMImageProcessor.from_model_config(config, max_image_tokens=256)
     """
 
     model_type = "nanovlm"
@@ -46,11 +54,13 @@ class NanoVLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # The same rules and messages as the image processor's `check_plan_settings` (this package cannot import
+        # processing; tests/test_plan.py holds the two to the same answers).
         if self.connector not in CONNECTOR_MODES:
             raise ValueError(f"connector must be one of {CONNECTOR_MODES}, got {self.connector!r}")
+        if not self.shuffle_factors or any(int(s) != s or s < 1 for s in self.shuffle_factors):
+            raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors!r}")
         self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)
-        if not self.shuffle_factors or self.shuffle_factors[0] < 1:
-            raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors}")
         # The LM's own tie setting decides; keep it visible on the composite config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 

@@ -114,6 +114,46 @@ def grid_position_embedding(grid_height: int, grid_width: int, dim: int, device=
     return embedding.to(dtype) if dtype is not None else embedding
 
 
+def tower_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """(Gh, Gw) of what the vision tower is given: patches (B, Gh, Gw, 3, p, p) or an image (B, 3, H, W)."""
+    if pixel_values.dim() == 6:
+        return pixel_values.shape[1], pixel_values.shape[2]
+    return pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+
+
+class PatchEmbeddingConv(nn.Conv2d):
+    """DINOv3's patch-embedding conv (kernel = stride = patch size) that also takes an image already cut into patches.
+
+    The image processor sends each patch as one row laid out as this conv's kernel is, (channel, row, column), so
+    a kernel-sized convolution of a patch is one matrix product with the flattened kernel: the tower embeds the
+    patches as they arrive and no image is rebuilt (as Qwen2-VL's PatchEmbed does). Patches (B, Gh, Gw, 3, p, p)
+    give (B, D, Gh, Gw), what the conv gives for the (B, 3, Gh*p, Gw*p) image; an image is convolved as usual.
+    It holds the replaced conv's own parameters, so checkpoint keys (DINOv3's) do not change.
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> "PatchEmbeddingConv":
+        """A `PatchEmbeddingConv` sharing `conv`'s weight and bias (built on the meta device: nothing is initialised)."""
+        embedding = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None, device="meta"
+        )
+        embedding.weight, embedding.bias = conv.weight, conv.bias
+        # the tower initialised (or loaded) these parameters already: keep transformers' init pass off them
+        embedding._is_hf_initialized = getattr(conv, "_is_hf_initialized", False)
+        return embedding
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 6:
+            return super().forward(pixel_values)
+        if tuple(pixel_values.shape[3:]) != (self.in_channels, *self.kernel_size):
+            raise ValueError(
+                f"patches of shape {tuple(pixel_values.shape[3:])} do not fit the tower's "
+                f"{(self.in_channels, *self.kernel_size)} patch embedding"
+            )
+        embedded = F.linear(pixel_values.flatten(3), self.weight.flatten(1), self.bias)  # (B, Gh, Gw, D)
+        return embedded.permute(0, 3, 1, 2)
+
+
 class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
     """DINOv3's 2-D RoPE with cos/sin always computed in float32.
 
@@ -145,8 +185,7 @@ class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
             return torch.cos(angles), torch.sin(angles)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patch = self.config.patch_size
-        grid_height, grid_width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        grid_height, grid_width = tower_grid(pixel_values, self.config.patch_size)
         cos, sin = self.float32_cos_sin(grid_height, grid_width, pixel_values.device)
         device_type = pixel_values.device.type
         if torch.is_autocast_enabled(device_type):
@@ -291,6 +330,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         self.vision_tower.rope_embeddings = Float32VisionRope(
             config.vision_config, augment=config.vision_rope_augmentation
         )
+        embeddings = self.vision_tower.embeddings
+        embeddings.patch_embeddings = PatchEmbeddingConv.replacing(embeddings.patch_embeddings)
         self.connector = NanoVLMConnector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.num_prefix_tokens = 1 + config.vision_config.num_register_tokens  # CLS + registers, dropped
@@ -325,7 +366,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         image_token_hw: torch.Tensor,
         image_shuffle_factor: torch.Tensor,
     ) -> torch.Tensor:
-        """(total image tokens, text hidden) features, image after image in input order."""
+        """(total image tokens, text hidden) features, image after image in input order.
+
+        `pixel_values` are the processor's (all patches, 3 * p * p) rows, image after image, each patch in the layout
+        of the tower's patch-embedding kernel (channel, row, column); they reach the tower as they are.
+        """
         if pixel_values.dtype == torch.uint8:  # the processor's pixel_dtype="uint8": normalise on this device
             config = self.config
             pixel_values = normalize_pixels(pixel_values, config.image_mean, config.image_std, self.vision_tower.dtype)
@@ -335,6 +380,12 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 "as the processor returns them"
             )
         patch = self.config.patch_size
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != 3 * patch * patch:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} are not rows of 3 x {patch} x {patch} values, one "
+                f"patch of this model's tower each: the image processor's patch_size must be the tower's ({patch}); "
+                "build it with NanoVLMImageProcessor.from_model_config(model.config)"
+            )
         grids = image_grid_hw.tolist()
         token_grids = image_token_hw.tolist()
         factors = image_shuffle_factor.tolist()
@@ -350,9 +401,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
 
         features = [None] * len(grids)
         for (grid_height, grid_width), indices in by_shape.items():
-            pixels = torch.stack([images[i] for i in indices])
-            pixels = pixels.view(len(indices), grid_height, grid_width, 3, patch, patch)
-            pixels = pixels.permute(0, 3, 1, 4, 2, 5).reshape(len(indices), 3, grid_height * patch, grid_width * patch)
+            # the tower takes the patches as they are (`PatchEmbeddingConv`): no image is rebuilt from them
+            pixels = torch.stack([images[i] for i in indices]).view(len(indices), grid_height, grid_width, 3, patch, patch)
             hidden = self.vision_tower(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens :]
             by_plan = defaultdict(list)
             for row, index in enumerate(indices):
@@ -468,7 +518,9 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
 
         The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the embeddings
-        are resized to match; the connector starts from random weights.
+        are resized to match; the connector starts from random weights. `config_kwargs` set the other
+        `NanoVLMConfig` fields (`shuffle_factors=[2, 4]`, `connector="perceiver"`, ...); the matching processor
+        reads them from the model: `NanoVLMProcessor.from_backbones(text_model, model_config=model.config, ...)`.
         """
         vision = AutoModel.from_pretrained(vision_model)
         language = AutoModelForCausalLM.from_pretrained(text_model)
@@ -670,6 +722,7 @@ __all__ = [
     "NanoVLMPreTrainedModel",
     "NanoVLMConnector",
     "Float32VisionRope",
+    "PatchEmbeddingConv",
     "pixel_shuffle",
     "pixel_unshuffle",
     "IMAGE_TOKEN",

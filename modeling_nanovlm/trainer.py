@@ -10,7 +10,6 @@ import os
 from functools import partial
 from typing import TYPE_CHECKING
 
-import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, seed_worker
@@ -40,6 +39,8 @@ class NanoVLMTrainer(Trainer):
         `PlannedRows`, so each row carries `"__index__"` and its batch's `"__plan__"` to the collator;
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
+      - a processor whose plans the model would refuse is an error here, before any data is read
+        (`NanoVLMProcessor.check_model_config`), rather than at the first forward;
       - the sampler's epoch is set at every epoch start, also when resuming on several processes (accelerate
         wraps the sampler twice then, and the stock Trainer reaches one level only);
       - DataLoader workers by default: when `args.dataloader_num_workers` is left at 0 and `auto_workers=True` (the
@@ -79,7 +80,8 @@ class NanoVLMTrainer(Trainer):
 
             kwargs["data_collator"] = NanoVLMCollator(processor)
         super().__init__(*args, **kwargs)
-        _check_uint8_normalisation(self.model, getattr(processor, "image_processor", None))
+        if hasattr(processor, "check_model_config"):  # a processor that does not fit the model fails here, not later
+            processor.check_model_config(self.model.config)
         if self.args.remove_unused_columns:
             logger.info("NanoVLMTrainer: remove_unused_columns=False, the collator needs the image and text columns")
             self.args.remove_unused_columns = False
@@ -327,21 +329,6 @@ def default_dataloader_workers(cpus: int | None = None, processes_per_node: int 
         processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_process = cpus // max(1, processes_per_node)
     return 0 if per_process <= 2 else min(4, per_process - 1)
-
-
-def _check_uint8_normalisation(model, image_processor):
-    """With `pixel_dtype="uint8"` the model normalises with its config's mean/std: they must be the processor's."""
-    if image_processor is None or getattr(image_processor, "pixel_dtype", "float32") != "uint8":
-        return
-    config = getattr(model, "config", None)
-    model_stats = (getattr(config, "image_mean", None), getattr(config, "image_std", None))
-    processor_stats = (image_processor.image_mean, image_processor.image_std)
-    if any(ours is None or not np.allclose(ours, theirs) for ours, theirs in zip(model_stats, processor_stats)):
-        raise ValueError(
-            f"the image processor sends uint8 pixels (pixel_dtype='uint8') to be normalised by the model, but the "
-            f"model config has image_mean/image_std {model_stats} and the processor {processor_stats}; "
-            "set the config's image_mean and image_std to the processor's"
-        )
 
 
 class _SamplerEpochCallback(TrainerCallback):

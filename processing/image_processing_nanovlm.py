@@ -27,6 +27,9 @@ else:  # the processor works without torch; resizing then runs in PIL
 
 CONNECTOR_MODES = ("shuffle", "perceiver")
 PIXEL_DTYPES = ("float32", "uint8")
+# The settings a model's weights fix (patch embedding, connector, projections, normalisation): a processor built for
+# a model takes them from its config (`NanoVLMImageProcessor.from_model_config`) instead of repeating them.
+MODEL_SETTINGS = ("patch_size", "connector", "shuffle_factors", "perceiver_latents", "image_mean", "image_std")
 
 
 class ImageInputError(ValueError):
@@ -102,6 +105,34 @@ def _snapped(height: float, width: float, sizes, aspect_ratios) -> tuple[float, 
     return (long_side / aspect, long_side) if aspect >= 1 else (long_side, long_side * aspect)
 
 
+def check_plan_settings(
+    *, patch_size: int, max_image_tokens: int, max_image_size: int, shuffle_factors, connector: str, perceiver_latents: int
+) -> tuple[int, ...]:
+    """The shuffle factors a plan may choose from, sorted; a `ValueError` for settings no plan can follow.
+
+    `NanoVLMConfig` checks `connector` and `shuffle_factors` with the same rules and messages (the model package
+    cannot import this one; tests/test_plan.py holds the two to the same answers).
+    """
+    if max_image_tokens < 1:
+        raise ValueError(f"max_image_tokens must be >= 1, got {max_image_tokens}")
+    if connector not in CONNECTOR_MODES:
+        raise ValueError(f"connector must be one of {CONNECTOR_MODES}, got {connector!r}")
+    if not shuffle_factors or any(int(s) != s or s < 1 for s in shuffle_factors):
+        raise ValueError(f"shuffle_factors must be positive integers, got {shuffle_factors!r}")
+    factors = (1,) if connector == "perceiver" else tuple(sorted(int(s) for s in shuffle_factors))
+    if max_image_size < patch_size * factors[-1]:
+        raise ValueError(
+            f"max_image_size={max_image_size} is smaller than one token cell "
+            f"(patch_size {patch_size} x largest shuffle factor {factors[-1]})"
+        )
+    if connector == "perceiver" and perceiver_latents > max_image_tokens:
+        raise ValueError(
+            f"the Perceiver connector gives {perceiver_latents} tokens per image, "
+            f"more than max_image_tokens={max_image_tokens}"
+        )
+    return factors
+
+
 def plan_image(
     height: int,
     width: int,
@@ -129,24 +160,10 @@ def plan_image(
     """
     if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))) or height < 1 or width < 1:
         raise ImageInputError(f"image size must be positive integers, got height={height!r}, width={width!r}")
-    if max_image_tokens < 1:
-        raise ValueError(f"max_image_tokens must be >= 1, got {max_image_tokens}")
-    if connector not in CONNECTOR_MODES:
-        raise ValueError(f"connector must be one of {CONNECTOR_MODES}, got {connector!r}")
-    factors = (1,) if connector == "perceiver" else tuple(sorted(shuffle_factors))
-    if not factors or any(int(s) != s or s < 1 for s in factors):
-        raise ValueError(f"shuffle_factors must be positive integers, got {shuffle_factors!r}")
-    if max_image_size < patch_size * factors[-1]:
-        raise ValueError(
-            f"max_image_size={max_image_size} is smaller than one token cell "
-            f"(patch_size {patch_size} x largest shuffle factor {factors[-1]})"
-        )
-    if connector == "perceiver" and perceiver_latents > max_image_tokens:
-        raise ValueError(
-            f"the Perceiver connector gives {perceiver_latents} tokens per image, "
-            f"more than max_image_tokens={max_image_tokens}"
-        )
-
+    factors = check_plan_settings(
+        patch_size=patch_size, max_image_tokens=max_image_tokens, max_image_size=max_image_size,
+        shuffle_factors=shuffle_factors, connector=connector, perceiver_latents=perceiver_latents,
+    )
     scale = min(1.0, max_image_size / max(height, width))
     target_h, target_w = height * scale, width * scale
     if snap_sizes:
@@ -162,6 +179,31 @@ def plan_image(
             return ImagePlan(resized_h, resized_w, grid_h, grid_w, s, grid_h // s, grid_w // s)
     token_h, token_w = _pooled_grid(grid_h // s, grid_w // s, max_image_tokens)
     return ImagePlan(resized_h, resized_w, grid_h, grid_w, s, token_h, token_w)
+
+
+def _model_settings(config) -> dict:
+    """`MODEL_SETTINGS` as `config` (a `NanoVLMConfig`, read by attribute: processing never imports the model) sets them.
+
+    A config without image_mean / image_std leaves them out."""
+    settings = {
+        "patch_size": int(config.vision_config.patch_size),
+        "connector": config.connector,
+        "shuffle_factors": sorted(int(s) for s in config.shuffle_factors),
+        "perceiver_latents": int(config.perceiver_latents),
+    }
+    for name in ("image_mean", "image_std"):
+        if getattr(config, name, None) is not None:
+            settings[name] = [float(value) for value in getattr(config, name)]
+    return settings
+
+
+def _same_setting(ours, theirs) -> bool:
+    """Equal as settings: factor lists in any order, mean / std to float precision."""
+    if isinstance(theirs, list) and theirs and isinstance(theirs[0], float):
+        return len(ours) == len(theirs) and bool(np.allclose(ours, theirs))
+    if isinstance(theirs, list):
+        return sorted(ours) == theirs
+    return ours == theirs
 
 
 _TRANSPOSE_FOR_ORIENTATION = {
@@ -405,7 +447,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.patch_size = patch_size
         self.max_image_tokens = max_image_tokens
         self.max_image_size = max_image_size
-        self.shuffle_factors = sorted(int(s) for s in shuffle_factors)
+        self.shuffle_factors = list(shuffle_factors)
         self.connector = connector
         self.perceiver_latents = perceiver_latents
         self.snap_sizes = list(snap_sizes) if snap_sizes else None
@@ -423,6 +465,65 @@ class NanoVLMImageProcessor(BaseImageProcessor):
                 f"image_mean and image_std need one value per RGB channel (std > 0), got {self.image_mean}, {self.image_std}"
             )
         self.plan(self.max_image_size, self.max_image_size)  # fail at construction on a bad setting
+        self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)  # integers: the plan just checked
+
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "NanoVLMImageProcessor":
+        """An image processor for the model `config` describes (a `NanoVLMConfig`, e.g. `model.config`).
+
+        The settings the model's weights fix (`MODEL_SETTINGS`: patch_size, connector, shuffle_factors,
+        perceiver_latents, image_mean, image_std) come from `config`; `kwargs` give the rest (`max_image_tokens`,
+        `max_image_size`, `snap_sizes`, `pixel_dtype`, ...). Repeating a model setting with another value is an
+        error: change the model config instead.
+
+            image_processor = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=256)
+        """
+        settings = _model_settings(config)
+        different = [name for name in settings if name in kwargs and not _same_setting(kwargs[name], settings[name])]
+        if different:
+            raise ValueError(
+                "these settings come from the model config and differ from it: "
+                + ", ".join(f"{name}={kwargs[name]!r} (model: {settings[name]!r})" for name in different)
+                + "; leave them out, or build the model with them"
+            )
+        return cls(**{**kwargs, **settings})
+
+    def check_model_config(self, config) -> None:
+        """A `ValueError` naming every setting in which this processor's plans do not fit `config`'s model.
+
+        The model would refuse them at its first forward; `NanoVLMTrainer` calls this when it is built, so the
+        mismatch shows before any data is read. Shuffle factors need a projection each, and pooling happens at the
+        largest factor, which must be the model's largest; uint8 pixels are normalised with the model's
+        image_mean/image_std, so those must be this processor's.
+        """
+        model = _model_settings(config)
+        problems = []
+        if self.patch_size != model["patch_size"]:
+            problems.append(f"patch_size {self.patch_size} (the tower's is {model['patch_size']})")
+        if self.connector != model["connector"]:
+            problems.append(f"connector {self.connector!r} (the model's is {model['connector']!r})")
+        elif self.connector == "perceiver" and self.perceiver_latents != model["perceiver_latents"]:
+            problems.append(f"perceiver_latents {self.perceiver_latents} (the model's is {model['perceiver_latents']})")
+        elif self.connector == "shuffle" and (
+            not set(self.shuffle_factors) <= set(model["shuffle_factors"])
+            or max(self.shuffle_factors) != max(model["shuffle_factors"])
+        ):
+            problems.append(
+                f"shuffle_factors {self.shuffle_factors} (the model has projections for {model['shuffle_factors']})"
+            )
+        if self.pixel_dtype == "uint8" and not all(
+            name in model and _same_setting(getattr(self, name), model[name]) for name in ("image_mean", "image_std")
+        ):
+            problems.append(
+                f"pixel_dtype='uint8' pixels are normalised by the model with its image_mean/image_std "
+                f"({getattr(config, 'image_mean', None)}, {getattr(config, 'image_std', None)}), but this processor's "
+                f"are ({self.image_mean}, {self.image_std})"
+            )
+        if problems:
+            raise ValueError(
+                "the image processor does not fit the model: " + "; ".join(problems) + ". Build it from the model: "
+                "NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=...)"
+            )
 
     def plan(self, height: int, width: int, **overrides) -> ImagePlan:
         """The plan for an image of `height` x `width`; keyword overrides replace config fields for this call."""
@@ -431,7 +532,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             raise TypeError(f"unknown plan setting(s) {sorted(unknown)}; valid: {list(self.plan_fields)}")
         settings = {name: getattr(self, name) for name in self.plan_fields}
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("shuffle_factors", "snap_sizes", "snap_aspect_ratios"):
+        settings["shuffle_factors"] = tuple(settings["shuffle_factors"])
+        for name in ("snap_sizes", "snap_aspect_ratios"):
             settings[name] = tuple(settings[name]) if settings[name] else None
         return plan_image(int(height), int(width), **settings)
 
@@ -528,4 +630,4 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return output
 
 
-__all__ = ["NanoVLMImageProcessor", "PIXEL_DTYPES", "ImagePlan", "ImageInputError", "plan_image", "load_image", "image_size"]
+__all__ = ["NanoVLMImageProcessor", "PIXEL_DTYPES", "MODEL_SETTINGS", "check_plan_settings", "ImagePlan", "ImageInputError", "plan_image", "load_image", "image_size"]

@@ -81,14 +81,41 @@ class NanoVLMProcessor(ProcessorMixin):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     @classmethod
-    def from_backbones(cls, text_model: str, tokenizer=None, **image_processor_kwargs):
-        """A processor for a pretrained LM: its tokenizer gains the `<image>` token (and a pad token if it lacks one)."""
+    def from_backbones(
+        cls, text_model: str, tokenizer=None, model_config=None, **image_processor_kwargs
+    ) -> "NanoVLMProcessor":
+        """A processor for a pretrained LM: its tokenizer gains the `<image>` token (and a pad token if it lacks one).
+
+        With `model_config` (the model's, e.g. `model.config`) the image processor takes the settings the model fixes
+        from it (`NanoVLMImageProcessor.from_model_config`), and `image_processor_kwargs` give the rest:
+
+            model = NanoVLMForConditionalGeneration.from_backbones(vision_id, text_id, shuffle_factors=[2, 4])
+            processor = NanoVLMProcessor.from_backbones(text_id, model_config=model.config, max_image_tokens=256)
+        """
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text_model)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(image_processor=NanoVLMImageProcessor(**image_processor_kwargs), tokenizer=tokenizer)
+        if model_config is None:
+            image_processor = NanoVLMImageProcessor(**image_processor_kwargs)
+        else:
+            image_processor = NanoVLMImageProcessor.from_model_config(model_config, **image_processor_kwargs)
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer)
+        if model_config is not None:
+            processor.check_model_config(model_config)
+        return processor
+
+    def check_model_config(self, config) -> None:
+        """A `ValueError` when this processor's output would not fit `config`'s model: another `<image>` token id, or
+        image plans the model refuses (`NanoVLMImageProcessor.check_model_config`)."""
+        if self.image_token_id != config.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE_TOKEN} token is id {self.image_token_id} but the model's image_token_id is "
+                f"{config.image_token_id}: give the model and the processor the same tokenizer (from_backbones(..., "
+                "tokenizer=processor.tokenizer))"
+            )
+        self.image_processor.check_model_config(config)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):

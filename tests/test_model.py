@@ -104,6 +104,35 @@ def test_image_features_do_not_depend_on_the_batch(processor):
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
+def test_patches_reach_the_tower_as_the_whole_image_would(processor):
+    """The processor's patch rows, embedded as they arrive (`PatchEmbeddingConv`), give what the whole image gives
+    through DINOv3's own conv: the same image features and the same logits, to float rounding. The reference never
+    touches the patch layout: it normalises the image itself."""
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    image = random_image(96, 160)  # sides already multiples of 16 x s: the plan keeps this size, no resize
+    batch = processor(text=["<image>Which digit is shown?"], images=[image], return_tensors="pt")
+    assert batch["image_grid_hw"].tolist() == [[6, 10]]
+    ip = processor.image_processor
+    mean, std = (torch.tensor(values)[:, None, None] for values in (ip.image_mean, ip.image_std))
+    whole = ((torch.from_numpy(image).permute(2, 0, 1).double() / 255 - mean) / std).float()[None]
+    factor, token_hw = int(batch["image_shuffle_factor"][0]), tuple(batch["image_token_hw"][0].tolist())
+    with torch.no_grad():
+        hidden = model.vision_tower(pixel_values=whole).last_hidden_state[:, model.model.num_prefix_tokens :]
+        expected = model.connector(hidden, (6, 10), factor, token_hw)[0]
+        torch.testing.assert_close(model.get_image_features(**{k: batch[k] for k in ip.model_input_names}), expected)
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        embeds = model.model.merge_image_features(batch["input_ids"] == processor.image_token_id, embeds, expected)
+        reference = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(model(**batch).logits, reference)
+
+
+def test_patches_that_do_not_fit_the_tower_are_a_clear_error(processor):
+    model = make_model()
+    batch = NanoVLMImageProcessor(patch_size=8, max_image_tokens=64)([random_image(64, 64)], return_tensors="pt")
+    with pytest.raises(ValueError, match="3 x 16 x 16 values.*patch_size"):
+        model.get_image_features(**batch)
+
+
 def test_text_only_input_matches_the_bare_language_model(processor):
     model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
     batch = processor(text=["Which digit is shown?", "where"], return_tensors="pt")

@@ -237,6 +237,33 @@ def test_bad_plan_settings_are_errors():
         NanoVLMImageProcessor().plan(10, 10, max_tokens=5)
 
 
+BAD_MODEL_SETTINGS = [
+    {"connector": "mlp"},
+    {"shuffle_factors": (0, 2)},
+    {"shuffle_factors": ()},
+    {"shuffle_factors": (2.5,)},
+    {"shuffle_factors": (-1, 2)},
+    {"connector": "perceiver", "shuffle_factors": ()},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_MODEL_SETTINGS)
+def test_model_config_and_image_processor_refuse_the_same_settings_alike(bad):
+    """The model package cannot import processing (Hub export), so NanoVLMConfig checks connector and factors itself;
+    it must give the image processor's answer, message included, and accept what it accepts."""
+    from modeling_nanovlm import configuration_nanovlm, tiny_config
+    from processing import image_processing_nanovlm
+
+    assert configuration_nanovlm.CONNECTOR_MODES == image_processing_nanovlm.CONNECTOR_MODES
+    with pytest.raises(ValueError) as processor_error:
+        NanoVLMImageProcessor(**bad)
+    with pytest.raises(ValueError) as config_error:
+        tiny_config(**bad)
+    assert str(config_error.value) == str(processor_error.value)
+    for good in ({"shuffle_factors": (4, 2.0)}, {"connector": "perceiver", "shuffle_factors": (1,)}):
+        assert tiny_config(**good).shuffle_factors == NanoVLMImageProcessor(**good).shuffle_factors
+
+
 # --- the plan agrees with the processor's input_ids and the model's features ----------------------
 
 image_sizes = st.tuples(st.integers(1, 900), st.integers(1, 900)) | st.sampled_from(

@@ -213,6 +213,102 @@ def test_model_refuses_a_plan_that_does_not_fit_the_grid(processor, tiny_model):
         tiny_model(**{**batch, "pixel_values": batch["pixel_values"][:-1]})
 
 
+# --- one source for the settings the model fixes -------------------------------------------------------
+
+
+def test_image_processor_from_model_config_takes_the_models_settings(tokenizer, make_tiny_model):
+    from modeling_nanovlm import tiny_config
+
+    config = tiny_config(shuffle_factors=(4, 2), image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2])
+    ip = NanoVLMImageProcessor.from_model_config(config, max_image_tokens=36, max_image_size=384, pixel_dtype="uint8")
+    assert (ip.patch_size, ip.connector, ip.shuffle_factors) == (16, "shuffle", [2, 4])
+    assert (ip.image_mean, ip.image_std) == ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+    assert (ip.max_image_tokens, ip.max_image_size, ip.pixel_dtype) == (36, 384, "uint8")
+    ip.check_model_config(config)
+    # Repeating a model setting is fine when it agrees, and an error naming it when it does not.
+    assert NanoVLMImageProcessor.from_model_config(config, shuffle_factors=[2, 4]).shuffle_factors == [2, 4]
+    with pytest.raises(ValueError, match=r"shuffle_factors=\[1, 2\] \(model: \[2, 4\]\)"):
+        NanoVLMImageProcessor.from_model_config(config, shuffle_factors=[1, 2])
+
+    model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32).eval()
+    processor = NanoVLMProcessor.from_backbones("unused", tokenizer=tokenizer, model_config=model.config,
+                                                max_image_tokens=64)
+    assert (processor.image_processor.connector, processor.image_processor.perceiver_latents) == ("perceiver", 8)
+    batch = processor(text="<image>what?", images=[noise(70, 130)], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_from_backbones_pair_needs_each_setting_once(tmp_path):
+    """Pretrained backbones with an 8-px patch: the processor learns the patch size (and the factors) from the model,
+    with nothing repeated, and the pair runs."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+
+    from modeling_nanovlm import NanoVLMForConditionalGeneration
+    from processing.offline_tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_register_tokens=0, patch_size=8)).save_pretrained(tmp_path / "vision")
+    tokenizer = build_tokenizer(["a tiny language model for tests"] * 10)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+
+    vision, text = str(tmp_path / "vision"), str(tmp_path / "text")
+    model = NanoVLMForConditionalGeneration.from_backbones(vision, text, shuffle_factors=[2, 4]).eval()
+    processor = NanoVLMProcessor.from_backbones(text, model_config=model.config, max_image_tokens=16)
+    assert (processor.image_processor.patch_size, processor.image_processor.shuffle_factors) == (8, [2, 4])
+    batch = processor(text=["<image>describe"], images=[noise(64, 96)], return_tensors="pt")
+    assert batch["pixel_values"].shape[1] == 3 * 8 * 8
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_check_model_config_names_every_setting_the_model_would_refuse(processor, tokenizer):
+    from modeling_nanovlm import tiny_config
+
+    config = tiny_config(image_token_id=processor.image_token_id, shuffle_factors=(1, 2, 4))
+    processor.check_model_config(config)
+    NanoVLMImageProcessor(shuffle_factors=[2, 4]).check_model_config(config)  # a subset with the same largest factor
+    refused = {
+        r"patch_size 8 \(the tower's is 16\)": NanoVLMImageProcessor(patch_size=8),
+        r"shuffle_factors \[1, 2\] \(the model has projections for \[1, 2, 4\]\)": NanoVLMImageProcessor(
+            shuffle_factors=[1, 2]
+        ),
+        r"shuffle_factors \[2, 8\]": NanoVLMImageProcessor(shuffle_factors=[2, 8]),
+        "connector 'perceiver' \\(the model's is 'shuffle'\\)": NanoVLMImageProcessor(connector="perceiver"),
+        "image_mean/image_std": NanoVLMImageProcessor(pixel_dtype="uint8", image_std=[0.5, 0.5, 0.5]),
+    }
+    for message, image_processor in refused.items():
+        with pytest.raises(ValueError, match=message + ".*from_model_config"):
+            image_processor.check_model_config(config)
+    perceiver = tiny_config(connector="perceiver", perceiver_latents=8)
+    with pytest.raises(ValueError, match=r"perceiver_latents 16 \(the model's is 8\)"):
+        NanoVLMImageProcessor(connector="perceiver", perceiver_latents=16).check_model_config(perceiver)
+    with pytest.raises(ValueError, match=f"id {processor.image_token_id} but the model's image_token_id is 1"):
+        processor.check_model_config(tiny_config(image_token_id=1))
+    with pytest.raises(ValueError, match="image_token_id"):
+        NanoVLMProcessor.from_backbones("unused", tokenizer=tokenizer, model_config=tiny_config(image_token_id=1))
+
+
+def test_trainer_refuses_a_processor_that_does_not_fit_the_model(tmp_path, processor, make_tiny_model):
+    """Caught when the trainer is built, before any data is read, not at the first forward."""
+    from transformers import TrainingArguments
+
+    from modeling_nanovlm import NanoVLMTrainer
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    model = make_tiny_model(shuffle_factors=(2, 4))
+    NanoVLMTrainer(model=model, args=args, processing_class=NanoVLMProcessor(
+        NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=64), processor.tokenizer
+    ))
+    with pytest.raises(ValueError, match=r"shuffle_factors \[1, 2\]"):
+        NanoVLMTrainer(model=model, args=args, processing_class=NanoVLMProcessor(
+            NanoVLMImageProcessor(max_image_tokens=64, shuffle_factors=[1, 2]), processor.tokenizer
+        ))
+
+
 # --- forward + backward through each connector -------------------------------------------------------
 
 
@@ -252,9 +348,9 @@ def test_forward_backward_shuffle_connector_mixed_sizes(tokenizer, make_tiny_mod
 
 
 def test_forward_backward_perceiver_connector_mixed_sizes(tokenizer, make_tiny_model):
-    image_processor = NanoVLMImageProcessor(max_image_tokens=64, connector="perceiver", perceiver_latents=8)
-    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32)
+    image_processor = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=64)
+    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = [noise(40, 60, 0), noise(100, 130, 1), noise(300, 200, 2)]
     batch = processor(
         text=["<image> what is it?", "two: <image> and <image> in one."], images=images, padding_side="right",
