@@ -15,6 +15,10 @@ class NanoVLMConfig(PreTrainedConfig):
         largest factor exceeds the budget, then a projection per factor) or "perceiver" (a fixed number
         of latents per image through transformers' Idefics2 Perceiver resampler).
     shuffle_factors (`list[int]`): allowed pixel-shuffle factors, one projection each.
+    shared_cell_encoder (`bool`): every factor reads the smallest factor's s0 x s0 patch cells through one shared
+        encoder layer, and factor s merges its (s/s0)^2 encoded cells with its own linear layer, so the larger
+        factors reuse what the smallest learns (instead of one independent two-layer projection per factor).
+        Needs every factor to be a multiple of the smallest. Trains one model for many budgets far better.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
@@ -42,6 +46,7 @@ class NanoVLMConfig(PreTrainedConfig):
     image_token_id: int = 0
     connector: str = "shuffle"
     shuffle_factors: list[int] | tuple[int, ...] = (1, 2, 4)
+    shared_cell_encoder: bool = False
     perceiver_latents: int = 64
     perceiver_depth: int = 3
     perceiver_heads: int = 8
@@ -61,6 +66,11 @@ class NanoVLMConfig(PreTrainedConfig):
         if not self.shuffle_factors or any(int(s) != s or s < 1 for s in self.shuffle_factors):
             raise ValueError(f"shuffle_factors must be positive integers, got {self.shuffle_factors!r}")
         self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)
+        if self.shared_cell_encoder and any(s % self.shuffle_factors[0] for s in self.shuffle_factors):
+            raise ValueError(
+                "shared_cell_encoder needs every shuffle factor to be a multiple of the smallest (its cells are "
+                f"the smallest factor's), got {self.shuffle_factors}"
+            )
         # The LM's own tie setting decides; keep it visible on the composite config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 

@@ -209,7 +209,9 @@ class ProjectionMLP(nn.Module):
 class NanoVLMConnector(nn.Module):
     """Patch features of one image shape -> LM-width image tokens, as the plan says.
 
-    shuffle: (optional average pooling of the patch grid) -> pixel shuffle by s -> projection for s.
+    shuffle: (optional average pooling of the patch grid) -> pixel shuffle by s -> projection for s
+        (with `shared_cell_encoder`: shuffle by the smallest factor -> shared cell encoder -> shuffle the encoded
+        cells by s / smallest -> factor s's merge layer).
     perceiver: projection -> Idefics2 Perceiver resampler (a fixed number of latents per image).
     """
 
@@ -219,10 +221,16 @@ class NanoVLMConnector(nn.Module):
         vision_dim = config.vision_config.hidden_size
         text_dim = config.text_config.hidden_size
         act = config.projector_hidden_act
-        if self.mode == "shuffle":
-            self.projections = nn.ModuleDict(
-                {str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in config.shuffle_factors}
-            )
+        factors = config.shuffle_factors
+        # shared_cell_encoder: the smallest factor's cells are encoded once (first layer, shared) and factor s
+        # merges its (s / cell)^2 encoded cells (second layer, its own); else one two-layer projection per factor.
+        self.cell_factor = factors[0] if self.mode == "shuffle" and config.shared_cell_encoder else None
+        if self.cell_factor:
+            cell = self.cell_factor
+            self.cell_encoder = nn.Sequential(nn.Linear(vision_dim * cell * cell, text_dim), ACT2FN[act])
+            self.projections = nn.ModuleDict({str(s): nn.Linear(text_dim * (s // cell) ** 2, text_dim) for s in factors})
+        elif self.mode == "shuffle":
+            self.projections = nn.ModuleDict({str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors})
         else:
             self.projection = ProjectionMLP(vision_dim, text_dim, act)
             self.perceiver = Idefics2PerceiverResampler(
@@ -278,8 +286,12 @@ class NanoVLMConnector(nn.Module):
             grid = features.transpose(1, 2).reshape(features.shape[0], -1, grid_height, grid_width)
             grid = F.adaptive_avg_pool2d(grid, (pooled_height, pooled_width))
             features = grid.flatten(2).transpose(1, 2)
-        tokens = pixel_shuffle(features, pooled_height, pooled_width, factor)
-        return self.projections[str(factor)](tokens)
+        projection = self.projections[str(factor)]
+        if self.cell_factor:  # (B, Gh*Gw, D) -> (B, cells, text_dim), then the cells are shuffled by s / cell
+            cell = self.cell_factor
+            features = self.cell_encoder(pixel_shuffle(features, pooled_height, pooled_width, cell))
+            pooled_height, pooled_width, factor = pooled_height // cell, pooled_width // cell, factor // cell
+        return projection(pixel_shuffle(features, pooled_height, pooled_width, factor))
 
 
 # Checkpoints keep the layout nanoVLM was first saved in (`language_model.model.*` = LlamaModel,

@@ -91,11 +91,49 @@ def test_any_size_divisible_by_patch_times_s_yields_the_planned_token_count():
         assert features.shape == (budget, 128)
 
 
+def test_shared_cell_encoder_merges_the_smallest_factors_encoded_cells():
+    """Factor 4 with cells of factor 2: token (i, j) = merge_4(concat of encode(2x2 cell) over its 2x2 cells, row-major)."""
+    model = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True)
+    connector = model.connector
+    assert sorted(connector.projections) == ["2", "4"] and connector.cell_factor == 2
+    features = torch.randn(2, 8 * 12, 128)
+    cells = connector.cell_encoder(reference_shuffle(features, 8, 12, 2)).view(2, 4, 6, -1)
+    with torch.no_grad():
+        by_2 = connector(features, (8, 12), 2, (4, 6))
+        by_4 = connector(features, (8, 12), 4, (2, 3))
+        torch.testing.assert_close(by_2, connector.projections["2"](cells.flatten(1, 2)))
+        for i in range(2):
+            for j in range(3):
+                merged = torch.cat([cells[:, 2 * i + a, 2 * j + b] for a in range(2) for b in range(2)], dim=-1)
+                torch.testing.assert_close(by_4[:, i * 3 + j], connector.projections["4"](merged))
+        pooled = connector(features, (8, 12), 4, (1, 2))  # the budget is below factor 4's count: pool, then merge
+    assert pooled.shape == (2, 2, 128)
+
+
+def test_shared_cell_encoder_needs_factors_that_are_multiples_of_the_smallest():
+    with pytest.raises(ValueError, match=r"multiple of the smallest.*\[2, 3\]"):
+        tiny_config(shuffle_factors=(2, 3), shared_cell_encoder=True)
+    assert tiny_config(shuffle_factors=(2, 3)).shared_cell_encoder is False  # independent projections: any factors
+
+
+def test_shared_cell_encoder_survives_save_and_load(tmp_path):
+    model = make_model(shuffle_factors=(1, 2, 4), shared_cell_encoder=True)
+    ip = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=6)
+    batch = ip([random_image(128, 96), random_image(64, 64, 1)], return_tensors="pt")
+    assert batch["image_shuffle_factor"].tolist() == [4, 2]
+    model.save_pretrained(tmp_path)
+    loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.shared_cell_encoder
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_features(**batch), model.get_image_features(**batch))
+
+
 # --- batching, text-only, generation -----------------------------------------------------------------
 
 
-def test_image_features_do_not_depend_on_the_batch(processor):
-    model = make_model()
+@pytest.mark.parametrize("shared_cell_encoder", [False, True])
+def test_image_features_do_not_depend_on_the_batch(processor, shared_cell_encoder):
+    model = make_model(shared_cell_encoder=shared_cell_encoder)
     images = [random_image(96, 160, 1), random_image(200, 64, 2), random_image(96, 160, 3), random_image(300, 300, 4)]
     ip = processor.image_processor
     with torch.no_grad():
@@ -143,10 +181,12 @@ def test_text_only_input_matches_the_bare_language_model(processor):
     assert torch.equal(ours, bare)
 
 
-def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor):
+@pytest.mark.parametrize("shared_cell_encoder", [False, True])
+def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor, shared_cell_encoder):
     # FSDP / ZeRO reduce every gradient on every process: a shuffle factor absent from one process's batch, or the
     # tower in a text-only batch, must still get a (zero) gradient, and the loss must not change because of it.
-    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id).train()
+    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id,
+                       shared_cell_encoder=shared_cell_encoder).train()
     batches = {
         "factor 2 only": processor(text=["<image>which?"], images=[random_image(160, 160)], return_tensors="pt"),
         "text only": processor(text=["which digit?"], return_tensors="pt"),
@@ -162,8 +202,8 @@ def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor):
             torch.testing.assert_close(model.eval()(**batch, labels=batch["input_ids"]).loss, loss.detach())
         model.train()
     assert set(batches["factor 2 only"]["image_shuffle_factor"].tolist()) == {2}
-    unused = model.connector.projections["4"].fc1.weight.grad
-    assert unused is not None and not unused.any()
+    for unused in model.connector.projections["4"].parameters():
+        assert unused.grad is not None and not unused.grad.any()
 
 
 def test_loss_counts_only_labelled_positions(processor):
