@@ -563,7 +563,10 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         return model
 
     def save_pretrained(self, save_directory, *args, processor=None, metrics=None, **kwargs):
-        """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside."""
+        """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside
+        (refused with a `ValueError` when its plans would not fit this model, before anything is written)."""
+        if processor is not None and hasattr(processor, "check_model_config"):
+            processor.check_model_config(self.config)
         # transformers records one auto class per model class; the saved config maps AutoModel to the headless
         # model, whose module file is this one (so it is already copied next to the weights).
         if self._auto_class is not None:

@@ -406,3 +406,15 @@ def test_images_as_paths_and_encoded_bytes_give_the_same_batch(processor, tmp_pa
     for batch in batches[1:]:
         assert torch.equal(batch["input_ids"], batches[0]["input_ids"])
         assert torch.equal(batch["pixel_values"], batches[0]["pixel_values"])
+
+
+def test_save_pretrained_refuses_a_processor_that_does_not_fit_the_model(tmp_path, processor, make_tiny_model):
+    """Nothing is written: a mismatched pair on the Hub would fail for every user at their first forward."""
+    model = make_tiny_model(shuffle_factors=(2, 4))
+    mismatched = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=64, shuffle_factors=[1, 2]), processor.tokenizer)
+    with pytest.raises(ValueError, match=r"shuffle_factors \[1, 2\]"):
+        model.save_pretrained(tmp_path / "bad", processor=mismatched)
+    assert not (tmp_path / "bad").exists()
+    fitting = NanoVLMProcessor(NanoVLMImageProcessor.from_model_config(model.config), processor.tokenizer)
+    model.save_pretrained(tmp_path / "good", processor=fitting)
+    assert (tmp_path / "good" / "processor_config.json").exists()
