@@ -174,6 +174,7 @@ def build_digits_model(recipe: dict, seed: int):
 
 
 def describe_model(model, recipe: dict) -> str:
+    """One line: parameter count, connector, budget and the budgets batches draw from."""
     budgets = list(recipe["train_budgets"]) if recipe["train_budgets"] else None
     if recipe["connector"] == "perceiver":
         tokens = f"Perceiver connector, {recipe['perceiver_latents']} tokens per image"

@@ -71,13 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     both = parser.add_argument_group("settings for either (default: the recipe's)")
     both.add_argument("--batch_size", type=int)
     both.add_argument("--train_samples", type=int, help="train on the first N training digits / dataset rows")
-    both.add_argument("--learning_rate", type=float, help="one rate for every part of the model")
+    both.add_argument("--learning_rate", type=float,
+                      help="built-in task: every part's rate; --dataset: the backbones' (the new connector keeps 1e-3)")
     both.add_argument("--max_side", type=int, help="largest image side (px): canvases / the processor's limit")
     both.add_argument("--max_image_tokens", type=int, help="the image-token budget the processor is saved with")
     both.add_argument("--eval_samples", type=int, help="held-out rows to evaluate")
     both.add_argument("--max_new_tokens", type=int, help="tokens generated per held-out answer")
     both.add_argument("--logging_steps", type=int, default=10)
-    both.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, OMP_NUM_THREADS or all cores)")
+    both.add_argument("--threads", type=int, help="torch CPU threads (built-in task: 1; --dataset: torch's default, "
+                      "OMP_NUM_THREADS or all cores)")
     args = parser.parse_args(argv)
 
     if args.set:
@@ -102,8 +104,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_flush_denormal(True)  # CPU: tiny activations as denormal floats slow steps ~15 %; losses identical
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or not args.dataset:  # the built-in model is tiny: 1 thread (on busy cores 2 ran 7-30x slower)
+        torch.set_num_threads(args.threads or 1)
     if args.dataset:
         from finetune_dataset import run
     else:
