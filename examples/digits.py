@@ -220,7 +220,17 @@ class DigitsTask:
         return layout.height, layout.width
 
     def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every sample this epoch, without rendering."""
         return [(layout.height, layout.width) for layout in self._layouts]
+
+    def sizes_for_epoch(self, epoch: int) -> list[tuple[int, int]]:
+        """Move to `epoch` (`set_epoch`: new layouts) and return its canvas sizes.
+
+        For `BucketBatchSampler(task.sizes(), ..., sizes_for_epoch=task.sizes_for_epoch)`: the sampler re-plans
+        at every epoch from the sizes of the layouts the task then renders.
+        """
+        self.set_epoch(epoch)
+        return self.sizes()
 
     def label(self, index: int) -> int:
         return int(self.labels[self.digit_index(index)])

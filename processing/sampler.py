@@ -26,6 +26,10 @@ budget is known (`lengths_at`). The drawn budget travels with each index: the sa
 `PlannedIndex(index, plan)` keys, and `PlannedRows(dataset)` (processing/rows.py) turns a key into the row with
 `"__plan__": {"max_image_tokens": budget}`, which `NanoVLMCollator` passes to the processor call.
 
+Data whose image sizes change between epochs (new random layouts each epoch, as in the built-in digits task):
+`sampler.replan(image_sizes)`, or `sizes_for_epoch=` so that `set_epoch` re-plans by itself, plans the same samples
+again from the new sizes, keeping the epoch, a resume point and the number of batches.
+
 Why the number of batches must not change between epochs: the Trainer reads `len(dataloader)` once and plans
 every epoch's optimizer steps from it. That is why step 2 sorts whole buckets (by rounded length, random among
 ties) instead of sorting random megabatches, whose packing would give a different count each epoch.
@@ -143,6 +147,10 @@ class BucketBatchSampler(Sampler[list[int]]):
             sampler then yields `PlannedIndex(index, {"max_image_tokens": budget})` keys: wrap the dataset in
             `PlannedRows` so rows carry the budget to the collator (`NanoVLMTrainer` does this itself). Repeat
             a budget to draw it more often (`[144, 64, 36, 36, 16]`).
+        sizes_for_epoch: for data whose image sizes change between epochs (new random layouts each epoch): a
+            function epoch -> that epoch's image sizes (like `image_sizes`, which must be epoch 0's). `set_epoch`
+            and `load_state_dict` then `replan` from it; the function is where the dataset moves to that epoch,
+            so the rows it serves match the plan. Without it, call `replan` yourself.
 
     `len(sampler)` is the same for every epoch. Resume mid-epoch with `state_dict()` / `load_state_dict()`, or
     through accelerate's `skip_first_batches` (the Trainer's way): both give the remaining batches unchanged.
@@ -163,9 +171,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         length_step: int = 16,
         plan_overrides: dict | None = None,
         budgets: Sequence[int] | None = None,
+        sizes_for_epoch: Callable[[int], Sequence] | None = None,
     ):
-        if len(image_sizes) != len(text_lengths):
-            raise ValueError(f"got {len(image_sizes)} image size entries but {len(text_lengths)} text lengths")
         check_batch_limits(batch_size, max_tokens_per_batch)
         if num_replicas < 1 or length_step < 1:
             raise ValueError(f"num_replicas and length_step must be >= 1, got {num_replicas} and {length_step}")
@@ -193,7 +200,45 @@ class BucketBatchSampler(Sampler[list[int]]):
         # What accelerate's BatchSamplerShard reads: an int only when every batch but the last has exactly that
         # many rows and no halving for replicas happens; None means "variable size" (see the module docstring).
         self.batch_size = batch_size if max_tokens_per_batch is None and num_replicas == 1 else None
+        self.sizes_for_epoch = sizes_for_epoch
 
+        self.epoch = 0
+        self._planned_epoch = 0  # the epoch whose sizes are planned (`sizes_for_epoch`)
+        self._skip = 0  # batches to skip on the next __iter__ (set by load_state_dict)
+        self._yielded = 0  # batches of the current epoch handed out so far
+        self._plan_samples(image_sizes, text_lengths)
+        self.num_batches = len(self.batches(0))
+
+    def replan(self, image_sizes: Sequence, text_lengths: Sequence[int] | None = None) -> None:
+        """Plan the same samples again from new image sizes (and text lengths; by default the current ones).
+
+        For datasets whose image sizes change between epochs, e.g. new random layouts each epoch (the built-in
+        digits task): buckets and lengths are planned from the new sizes, still without decoding an image. The
+        epoch, the seed and a resume point (`load_state_dict`) are kept, and so is `len(sampler)`: the Trainer
+        plans every epoch's steps from it, so a re-plan that would change the number of batches (possible with
+        `max_tokens_per_batch`) is a `ValueError` and leaves the sampler as it was. With a fixed `batch_size` the
+        count never changes. `sizes_for_epoch` calls this from `set_epoch`.
+        """
+        if len(image_sizes) != len(self.lengths):
+            raise ValueError(f"re-planning needs the sizes of all {len(self.lengths)} samples, got {len(image_sizes)}")
+        before = dict(self.__dict__)
+        try:
+            self._plan_samples(image_sizes, self._text_lengths if text_lengths is None else text_lengths)
+            count = len(self.batches(self.epoch))
+            if count != self.num_batches:
+                raise ValueError(
+                    f"re-planning would change the number of batches per epoch from {self.num_batches} to {count}; "
+                    "the Trainer plans every epoch's steps from len(sampler): use a fixed batch_size without "
+                    "max_tokens_per_batch for data whose sizes change between epochs"
+                )
+        except Exception:
+            self.__dict__.update(before)  # a failed re-plan leaves the sampler as it was
+            raise
+
+    def _plan_samples(self, image_sizes: Sequence, text_lengths: Sequence[int]) -> None:
+        """Every sample's length, bucket and resized shapes from its image sizes and text length."""
+        if len(image_sizes) != len(text_lengths):
+            raise ValueError(f"got {len(image_sizes)} image size entries but {len(text_lengths)} text lengths")
         # Batches are cut at the largest budget: image tokens never grow when the budget shrinks, so these lengths
         # bound the lengths at every drawn budget (`lengths_at` gives the exact ones).
         batching_budget = max(self.budgets) if self.budgets else None
@@ -201,10 +246,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         for index, (sizes, text_length) in enumerate(zip(image_sizes, text_lengths)):
             image_tokens, key, shapes = self._plan_row(sizes, batching_budget)
             length = int(text_length) + image_tokens
-            if max_tokens_per_batch is not None and length > max_tokens_per_batch:
+            if self.max_tokens_per_batch is not None and length > self.max_tokens_per_batch:
                 raise ValueError(
-                    f"sample {index} needs {length} tokens ({text_length} text + {length - int(text_length)} image), "
-                    f"more than max_tokens_per_batch={max_tokens_per_batch}"
+                    f"sample {index} needs {length} tokens ({text_length} text + {image_tokens} image), "
+                    f"more than max_tokens_per_batch={self.max_tokens_per_batch}"
                 )
             self.lengths.append(length)
             self.keys.append(key)
@@ -212,18 +257,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._image_sizes = image_sizes if self.budgets else None  # for `lengths_at`
         self._text_lengths = text_lengths
         self._lengths_at = {}  # budget -> exact lengths, computed when asked for
-        self.rounded_lengths = [round_up(length, length_step) for length in self.lengths]
+        self.rounded_lengths = [round_up(length, self.length_step) for length in self.lengths]
         # numpy views of the sort keys of `batches` (shapes by rank): sorting millions of rows with a Python key
         # function takes tens of seconds
         self._sort_lengths = -np.asarray(self.rounded_lengths, dtype=np.int64)
         shape_rank = {shape: rank for rank, shape in enumerate(sorted(set(self.shapes)))}
         self._sort_shapes = np.asarray([shape_rank[shape] for shape in self.shapes], dtype=np.int64)
-
-        self.epoch = 0
         self._cached = (None, None)  # (epoch, batches)
-        self._skip = 0  # batches to skip on the next __iter__ (set by load_state_dict)
-        self._yielded = 0  # batches of the current epoch handed out so far
-        self.num_batches = len(self.batches(0))
 
     # --- plan and buckets: read from the image processor, never re-derived -------------------------------
 
@@ -371,10 +411,18 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     # --- torch Sampler protocol, epochs, resuming --------------------------------------------------------
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration batches (its order is a function of (seed, epoch)); with
+        `sizes_for_epoch`, also re-plans from that epoch's sizes."""
+        self._plan_epoch(epoch)
         if epoch != self.epoch:  # a resume point only holds for its own epoch
             self._yielded = self._skip = 0
         self.epoch = epoch
+
+    def _plan_epoch(self, epoch: int) -> None:
+        if self.sizes_for_epoch is not None and epoch != self._planned_epoch:
+            self.replan(self.sizes_for_epoch(epoch))
+            self._planned_epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches - self._skip
@@ -396,10 +444,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         """Where the current epoch stands: batches handed out so far (by this sampler, before sharding)."""
         return {"seed": self.seed, "epoch": self.epoch, "num_batches_yielded": self._yielded}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
         """The next iteration continues `state`'s epoch after the batches it had already yielded."""
         if state["seed"] != self.seed:
             raise ValueError(f"the state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        self._plan_epoch(state["epoch"])
         self.epoch = state["epoch"]
         self._skip = self._yielded = state["num_batches_yielded"]
 

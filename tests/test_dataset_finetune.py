@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from processing import NanoVLMCollator
 from test_cauldron import encoded, photos
-from test_finetune import check_artifacts, finetune, load_saved, make_backbones, run_finetune
+from test_finetune import check_artifacts, finetune, finetune_dataset, load_saved, make_backbones, run_finetune
 
 datasets = pytest.importorskip("datasets")
 
@@ -76,7 +77,7 @@ def test_cauldron_subset_fine_tunes_evaluates_saves_and_reloads(local_cauldron, 
     assert processor.image_processor.max_image_tokens == 16 and model.config.vision_config.hidden_size == 32
     row = {"images": [photos()[2].resize((64, 48)), photos()[3].resize((40, 40))],
            "texts": [{"user": "What is in the second picture?", "assistant": "a rocket"}]}
-    prompt, images, reference = finetune.question_and_reference(processor, finetune.NanoVLMCollator(processor), row)
+    prompt, images, reference = finetune_dataset.question_and_reference(processor, NanoVLMCollator(processor), row)
     assert prompt.count("<image>") == 2 and reference == "a rocket"
     inputs = processor(text=[prompt], images=[images], return_tensors="pt")
     with torch.no_grad():
@@ -95,13 +96,13 @@ def test_bad_rows_stop_the_run_naming_the_dataset_row(local_cauldron, tmp_path):
 
 def test_load_rows_dataset_config(local_cauldron):
     root = local_cauldron
-    train, held_out = finetune.load_rows(str(root / "the_cauldron"), "train", None, 3, 0, config="photos")
+    train, held_out = finetune_dataset.load_rows(str(root / "the_cauldron"), "train", None, 3, 0, config="photos")
     assert len(train) == 14 and len(held_out) == 3 and train["__index__"] == list(range(14))
     assert set(train[0]["images"][0]) == {"bytes", "path"}  # decoded by the collator, where bad images are handled
     with pytest.raises(ValueError, match="no sub-folder 'vqav2'"):
-        finetune.load_rows(str(root / "the_cauldron" / "photos"), "train", None, 3, 0, config="vqav2")
+        finetune_dataset.load_rows(str(root / "the_cauldron" / "photos"), "train", None, 3, 0, config="vqav2")
     with pytest.raises(ValueError, match="no split 'validation'"):
-        finetune.load_rows(str(root / "the_cauldron"), "validation", None, 3, 0, config="photos")
+        finetune_dataset.load_rows(str(root / "the_cauldron"), "validation", None, 3, 0, config="photos")
 
 
 def test_load_rows_reads_a_data_folder_laid_out_like_the_hub_repository(tmp_path):
@@ -110,6 +111,6 @@ def test_load_rows_reads_a_data_folder_laid_out_like_the_hub_repository(tmp_path
     subset.mkdir(parents=True)
     cauldron_rows(6, 0).to_parquet(str(subset / "train-00000-of-00001.parquet"))
     cauldron_rows(3, 1).to_parquet(str(subset / "test-00000-of-00001.parquet"))
-    train, held_out = finetune.load_rows(str(tmp_path / "the_cauldron"), "train", None, 2, 0, config="photos")
+    train, held_out = finetune_dataset.load_rows(str(tmp_path / "the_cauldron"), "train", None, 2, 0, config="photos")
     assert len(train) == 6 and len(held_out) == 2  # the test split, not a split-off part of train
     assert train[0]["texts"][0]["source"] == "photos" and set(train[0]["images"][0]) == {"bytes", "path"}

@@ -1,4 +1,5 @@
-"""The main job (examples/finetune.py) and its built-in task (examples/digits.py).
+"""The main job: examples/finetune.py (the command line), its two recipes (examples/digits_recipe.py,
+examples/finetune_dataset.py), the built-in task (examples/digits.py), the shared pieces (examples/training_tools.py).
 
 End-to-end runs go through a subprocess, as `make demo` does, with tiny settings: a few steps, small canvases,
 a handful of held-out digits. The real-backbone path runs on tiny random DINOv3 + Llama checkpoints and a tiny
@@ -20,7 +21,10 @@ EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import digits  # noqa: E402
+import digits_recipe  # noqa: E402
 import finetune  # noqa: E402
+import finetune_dataset  # noqa: E402
+import training_tools  # noqa: E402
 
 
 def run_finetune(*args, timeout=300):
@@ -84,7 +88,7 @@ def test_digits_short_run_writes_metrics_curve_and_a_loadable_model(tmp_path):
     assert processor.image_processor.max_image_size == 192
     assert processor.image_processor.shuffle_factors == list(model.config.shuffle_factors) == [2, 3, 4]
     sample = digits.DigitsTask(*digits.load_split()["test"], seed=0, max_side=192, limit=1)[0]
-    prompt = finetune.chat_prompt(processor, digits.QUESTION)
+    prompt = training_tools.chat_prompt(processor, digits.QUESTION)
     inputs = processor(text=[prompt], images=[sample["image"]], return_tensors="pt")
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -168,12 +172,13 @@ def test_dataset_rows_with_messages(tmp_path):
     ]
     datasets.Dataset.from_dict({"images": [[image] for image in images], "messages": messages}).save_to_disk(
         str(tmp_path / "chat"))
-    train, held_out = finetune.load_rows(str(tmp_path / "chat"), "train", None, eval_samples=2, seed=0)
+    train, held_out = finetune_dataset.load_rows(str(tmp_path / "chat"), "train", None, eval_samples=2, seed=0)
     assert len(train) == 5 and len(held_out) == 1  # at most a tenth held out, at least one row
 
     tokenizer = build_tokenizer(["Colour? red green blue"] * 5)
     processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=16, max_image_size=96), tokenizer)
-    prompt, row_images, reference = finetune.question_and_reference(processor, NanoVLMCollator(processor), held_out[0])
+    prompt, row_images, reference = finetune_dataset.question_and_reference(processor, NanoVLMCollator(processor),
+                                                                             held_out[0])
     assert prompt.endswith("<|im_start|>assistant\n") and prompt.count("<image>") == 1
     assert len(row_images) == 1 and reference in names
 
@@ -249,19 +254,27 @@ def test_parse_answer(text, expected):
 
 
 def test_curriculum_starts_small_and_reaches_the_full_range():
-    schedule = finetune.curriculum(10, 128, 384, start=0.3, full=0.7)
+    schedule = digits_recipe.curriculum(10, 128, 384, start=0.3, full=0.7)
     sides = [schedule(epoch)[1] for epoch in range(10)]
     assert sides[:3] == [128, 128, 128] and sides[-3:] == [384, 384, 384]
     assert sides == sorted(sides)
+
+
+def epoch_sampler(task, text_length, image_processor, **kwargs):
+    """The recipe's sampler: re-planned at every epoch from the task's new layouts (`sizes_for_epoch`)."""
+    from processing import BucketBatchSampler
+
+    return BucketBatchSampler(task.sizes(), [text_length] * len(task), image_processor,
+                              sizes_for_epoch=task.sizes_for_epoch, **kwargs)
 
 
 def test_epoch_sampler_replans_sizes_every_epoch():
     from processing import NanoVLMImageProcessor
 
     image_processor = NanoVLMImageProcessor(max_image_tokens=144, max_image_size=384, shuffle_factors=(2,))
-    schedule = finetune.curriculum(4, 128, 384, start=0.25, full=0.75)
+    schedule = digits_recipe.curriculum(4, 128, 384, start=0.25, full=0.75)
     task = digits.DigitsTask(*digits.load_split()["train"], seed=0, side_schedule=schedule, limit=200)
-    sampler = finetune.EpochBucketSampler(task, [20] * len(task), image_processor, batch_size=16, seed=0)
+    sampler = epoch_sampler(task, 20, image_processor, batch_size=16, seed=0)
     counts = set()
     for epoch in range(4):
         sampler.set_epoch(epoch)
@@ -279,7 +292,7 @@ def test_epoch_sampler_replans_sizes_every_epoch():
     sampler.set_epoch(2)
     expected = list(sampler)[3:]
     resumed_task = digits.DigitsTask(*digits.load_split()["train"], seed=0, side_schedule=schedule, limit=200)
-    resumed = finetune.EpochBucketSampler(resumed_task, [20] * 200, image_processor, batch_size=16, seed=0)
+    resumed = epoch_sampler(resumed_task, 20, image_processor, batch_size=16, seed=0)
     resumed.load_state_dict({"seed": 0, "epoch": 2, "num_batches_yielded": 3})
     resumed.set_epoch(2)
     assert list(resumed) == expected and resumed_task.sizes() == task.sizes()
@@ -296,10 +309,10 @@ def test_save_and_push_send_processor_and_metrics_with_the_model(tmp_path):
             calls.append(("push", repo, processor, metrics))
 
     metrics = {"digit_accuracy": 0.9, "budget_curve": {"64": {"digit_accuracy": 0.9}}}
-    finetune.save_and_push(FakeModel(), "the processor", tmp_path, None, metrics=metrics)
+    training_tools.save_and_push(FakeModel(), "the processor", tmp_path, None, metrics=metrics)
     assert calls == [("save", str(tmp_path), "the processor", metrics)]
     calls.clear()
-    finetune.save_and_push(FakeModel(), "the processor", tmp_path, "me/digits", metrics=metrics)
+    training_tools.save_and_push(FakeModel(), "the processor", tmp_path, "me/digits", metrics=metrics)
     assert calls == [("save", str(tmp_path), "the processor", metrics), ("push", "me/digits", "the processor", metrics)]
 
 
@@ -307,10 +320,10 @@ def test_epoch_sampler_draws_budgets_and_knows_the_world_size():
     from processing import NanoVLMImageProcessor
 
     image_processor = NanoVLMImageProcessor(max_image_tokens=144, max_image_size=384, shuffle_factors=(2, 4))
-    schedule = finetune.curriculum(4, 128, 384, start=0.25, full=0.75)
+    schedule = digits_recipe.curriculum(4, 128, 384, start=0.25, full=0.75)
     task = digits.DigitsTask(*digits.load_split()["train"], seed=0, side_schedule=schedule, limit=90)
-    sampler = finetune.EpochBucketSampler(task, [20] * len(task), image_processor, batch_size=8, seed=0,
-                                          num_replicas=2, budgets=[144, 64, 36, 16])
+    sampler = epoch_sampler(task, 20, image_processor, batch_size=8, seed=0, num_replicas=2,
+                            budgets=[144, 64, 36, 16])
     for epoch in (0, 3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -322,14 +335,41 @@ def test_epoch_sampler_draws_budgets_and_knows_the_world_size():
 
 
 def test_perceiver_recipe_has_a_fixed_token_count_and_no_budget_draw():
-    recipe = finetune.digits_recipe(finetune.parse_args(["--connector", "perceiver"]))
+    recipe = digits_recipe.recipe_from_args(finetune.parse_args(["--connector", "perceiver"]))
     assert recipe["connector"] == "perceiver" and recipe["train_budgets"] is None
     assert all(budget >= recipe["perceiver_latents"] for budget in recipe["eval_budgets"])
-    model, processor = finetune.build_digits_model(recipe, seed=0)
+    model, processor = digits_recipe.build_digits_model(recipe, seed=0)
     assert model.config.connector == processor.image_processor.connector == "perceiver"
     assert processor.num_image_tokens(300, 200) == recipe["perceiver_latents"]
     with pytest.raises(SystemExit, match="unknown recipe key"):
-        finetune.digits_recipe(finetune.parse_args(["--set", "budget=3"]))
+        digits_recipe.recipe_from_args(finetune.parse_args(["--recipe", "budget=3"]))
+
+
+def test_recipe_flags_change_recipe_values_and_set_is_a_deprecated_alias():
+    args = finetune.parse_args(["--recipe", "max_side=256", "--recipe", "shuffle_factors=[2, 4]", "--batch_size", "4"])
+    recipe = digits_recipe.recipe_from_args(args)
+    assert recipe["max_side"] == 256 and recipe["shuffle_factors"] == (2, 4) and recipe["batch_size"] == 4
+    assert {key: value for key, value in recipe.items() if key not in ("max_side", "shuffle_factors", "batch_size",
+                                                                       "connector")} == {
+        key: value for key, value in digits_recipe.RECIPE.items() if key not in ("max_side", "shuffle_factors",
+                                                                                  "batch_size")}
+    with pytest.warns(FutureWarning, match="--set is deprecated"):
+        old = finetune.parse_args(["--set", "noise=0.05"])
+    assert digits_recipe.recipe_from_args(old)["noise"] == 0.05
+    with pytest.raises(SystemExit, match="must be JSON"):
+        digits_recipe.recipe_from_args(finetune.parse_args(["--recipe", "shuffle_factors=(2, 4)"]))
+    with pytest.raises(SystemExit):  # the recipe belongs to the built-in task
+        finetune.parse_args(["--vision_model", "v", "--text_model", "t", "--dataset", "d", "--recipe", "noise=0"])
+
+
+def test_example_functions_stay_short():
+    import ast
+
+    for path in EXAMPLES.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= 80, f"{path.name}: {node.name} has {lines} lines"
 
 
 @pytest.mark.slow

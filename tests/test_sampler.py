@@ -162,6 +162,92 @@ def test_accelerate_skip_first_batches_resumes_each_process_exactly(mixed_set, i
         assert list(skip_first_batches(loader, 4)) == batches[4:]
 
 
+# --- re-planning: data whose image sizes change between epochs --------------------------------------------
+
+
+def epoch_sizes(epoch):
+    """Epoch `epoch`'s image sizes of the same NUM_SAMPLES samples (new random sizes each epoch)."""
+    return mixed_sizes(NUM_SAMPLES, seed=100 + epoch)[0]
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 8}, {"batch_size": 8, "budgets": [256, 64, 16]}])
+def test_replan_plans_new_sizes_as_a_new_sampler_would(mixed_set, image_processor, options):
+    sampler = make_sampler(mixed_set, image_processor, **options, seed=5)
+    sampler.set_epoch(3)
+    sampler.replan(epoch_sizes(3))
+    fresh = BucketBatchSampler(epoch_sizes(3), mixed_set[1], image_processor, **options, seed=5)
+    assert sampler.epoch == 3 and sampler.keys == fresh.keys and sampler.keys != make_sampler(
+        mixed_set, image_processor, **options).keys  # the buckets changed
+    assert sampler.lengths == fresh.lengths and sampler.lengths_at(64) == fresh.lengths_at(64)
+    assert sampler.batches(3) == fresh.batches(3) and sampler.batch_budgets(3) == fresh.batch_budgets(3)
+    sampler.replan(*mixed_set)  # back to the first sizes: the first batches (deterministic)
+    assert sampler.batches(3) == make_sampler(mixed_set, image_processor, **options, seed=5).batches(3)
+
+
+def test_replan_can_change_text_lengths_and_refuses_another_sample_count(mixed_set, image_processor):
+    sampler = make_sampler(mixed_set, image_processor, batch_size=8)
+    longer = [length + 40 for length in mixed_set[1]]
+    sampler.replan(mixed_set[0], longer)
+    assert sampler.lengths == BucketBatchSampler(mixed_set[0], longer, image_processor, batch_size=8).lengths
+    with pytest.raises(ValueError, match=f"all {NUM_SAMPLES} samples, got {NUM_SAMPLES - 1}"):
+        sampler.replan(mixed_set[0][:-1])
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 8}, {"batch_size": 8, "budgets": [256, 64, 16]}])
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_sizes_for_epoch_keeps_the_batch_count_and_covers_every_sample(image_processor, options, num_replicas):
+    sampler = BucketBatchSampler(epoch_sizes(0), mixed_sizes(NUM_SAMPLES)[1], image_processor, **options,
+                                 num_replicas=num_replicas, sizes_for_epoch=epoch_sizes)
+    first_keys = list(sampler.keys)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == -(-NUM_SAMPLES // 8) + (num_replicas == 3)  # one batch halved
+        indices = [key if isinstance(key, int) else key.index for batch in batches for key in batch]
+        assert sorted(indices) == list(range(NUM_SAMPLES))
+        assert sampler.keys == BucketBatchSampler(epoch_sizes(epoch), mixed_sizes(NUM_SAMPLES)[1], image_processor,
+                                                  batch_size=8).keys  # this epoch's sizes are planned
+    assert sampler.keys != first_keys
+
+
+@pytest.mark.parametrize("resume", ["sizes_for_epoch", "replan"])
+def test_resume_mid_epoch_after_a_replan_is_exact(image_processor, resume):
+    text_lengths = mixed_sizes(NUM_SAMPLES)[1]
+    sampler = BucketBatchSampler(epoch_sizes(0), text_lengths, image_processor, batch_size=8, seed=7,
+                                 budgets=[256, 64], sizes_for_epoch=epoch_sizes)
+    sampler.set_epoch(2)
+    full_epoch = list(sampler)
+    iterator = iter(sampler)
+    done = [next(iterator) for _ in range(5)]
+    state = sampler.state_dict()
+
+    if resume == "sizes_for_epoch":  # a new process: built from epoch 0's sizes, resumed into epoch 2
+        resumed = BucketBatchSampler(epoch_sizes(0), text_lengths, image_processor, batch_size=8, seed=7,
+                                     budgets=[256, 64], sizes_for_epoch=epoch_sizes)
+        resumed.load_state_dict(state)
+    else:
+        resumed = BucketBatchSampler(epoch_sizes(0), text_lengths, image_processor, batch_size=8, seed=7,
+                                     budgets=[256, 64])
+        resumed.load_state_dict(state)
+        resumed.replan(epoch_sizes(2))  # keeps the resume point
+    resumed.set_epoch(2)  # what a training loop does at epoch start: keeps the resume point
+    assert len(resumed) == len(full_epoch) - 5
+    assert done + list(resumed) == full_epoch
+    assert resumed.lengths == sampler.lengths
+
+
+def test_a_replan_that_would_change_the_batch_count_is_refused(image_processor):
+    small = [(64, 64)] * 40
+    sampler = BucketBatchSampler(small, [10] * 40, image_processor, max_tokens_per_batch=2048)
+    before = (len(sampler), sampler.lengths, sampler.batches(0))
+    with pytest.raises(ValueError, match="number of batches per epoch from 1 to"):
+        sampler.replan([(1024, 1024)] * 40)
+    assert (len(sampler), sampler.lengths, sampler.batches(0)) == before  # left as it was
+    with pytest.raises(ValueError, match="more than max_tokens_per_batch"):
+        sampler.replan(small, [10] * 39 + [5000])
+    assert sampler.lengths == before[1]
+
+
 # --- batch quality -------------------------------------------------------------------------------------
 
 
