@@ -20,6 +20,10 @@ class NanoVLMConfig(PreTrainedConfig):
         factors reuse what the smallest learns (instead of one independent two-layer projection per factor).
         Needs every factor to be a multiple of the smallest. Trains one model for many budgets far better.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
+    perceiver_pooled_queries (`bool`): each latent's query starts as the image's context average-pooled to a
+        latents-sized grid (plus the learned latent), so every output token begins with its own region's content
+        and cross-attention adds detail. Without it (Idefics2's way) the queries are the learned latents alone;
+        on the built-in task those learned the quadrant but not the digit.
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
     projector_hidden_act (`str`): activation of the two-layer projection MLP.
@@ -51,6 +55,7 @@ class NanoVLMConfig(PreTrainedConfig):
     perceiver_depth: int = 3
     perceiver_heads: int = 8
     perceiver_head_dim: int = 64
+    perceiver_pooled_queries: bool = False
     vision_rope_augmentation: bool = False
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False

@@ -218,6 +218,7 @@ class NanoVLMConnector(nn.Module):
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
         self.mode = config.connector
+        self.pooled_queries = config.perceiver_pooled_queries
         vision_dim = config.vision_config.hidden_size
         text_dim = config.text_config.hidden_size
         act = config.projector_hidden_act
@@ -252,6 +253,20 @@ class NanoVLMConnector(nn.Module):
             # matter there) keep the constant latent out of the output's residual, leaving the image's content.
             nn.init.normal_(self.perceiver.latents, std=config.text_config.initializer_range)
 
+    def _resample(self, context: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, Gh*Gw, text_dim) context -> (B, latents, text_dim) through the Idefics2 resampler's layers."""
+        if not self.pooled_queries:
+            mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
+            return self.perceiver(context, attention_mask=mask)
+        latents = self.perceiver.n_latents
+        rows = max(r for r in range(1, math.isqrt(latents) + 1) if latents % r == 0)  # the squarest grid
+        grid = context.transpose(1, 2).reshape(context.shape[0], -1, *grid_hw)
+        queries = F.adaptive_avg_pool2d(grid, (rows, latents // rows)).flatten(2).transpose(1, 2)
+        queries = queries + self.perceiver.latents
+        for layer in self.perceiver.layers:  # the resampler's own loop, with these queries (no mask: none padded)
+            queries = layer(queries, context, attention_mask=None, position_ids=None)
+        return self.perceiver.norm(queries)
+
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
         """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
         if self.mode == "perceiver":
@@ -262,9 +277,7 @@ class NanoVLMConnector(nn.Module):
                     f"connector='perceiver' and perceiver_latents={self.perceiver.n_latents}"
                 )
             position = grid_position_embedding(*grid_hw, features.shape[-1], features.device, features.dtype)
-            context = self.projection(features + position)
-            mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
-            return self.perceiver(context, attention_mask=mask)
+            return self._resample(self.projection(features + position), grid_hw)
         if str(factor) not in self.projections:
             raise ValueError(
                 f"the image processor planned shuffle factor {factor}, but this model only has projections for "

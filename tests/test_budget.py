@@ -319,3 +319,27 @@ def test_perceiver_output_depends_on_where_features_are():
     assert len({tuple(row.tolist()) for row in out[0].round(decimals=4)}) == 4
     embedding = grid_position_embedding(6, 4, 128)
     assert embedding.shape == (24, 128) and len({tuple(row.tolist()) for row in embedding}) == 24
+
+
+def test_perceiver_pooled_queries_start_from_each_regions_content():
+    """With no resampler layer the output is exactly norm(pooled context + latents): latent k reads region k of a
+    latents-shaped grid (2 x 3 for 6 latents), so output tokens follow the content of their own region."""
+    import torch.nn.functional as F
+
+    from modeling_nanovlm import tiny_config
+    from modeling_nanovlm.modeling_nanovlm import NanoVLMConnector, grid_position_embedding
+
+    torch.manual_seed(0)
+    config = tiny_config(connector="perceiver", perceiver_latents=6, perceiver_depth=0, perceiver_pooled_queries=True)
+    connector = NanoVLMConnector(config).eval()
+    features = torch.randn(2, 4 * 9, 128)
+    with torch.no_grad():
+        out = connector(features, (4, 9), 1, (2, 3))
+        context = connector.projection(features + grid_position_embedding(4, 9, 128))
+        pooled = F.adaptive_avg_pool2d(context.transpose(1, 2).reshape(2, 128, 4, 9), (2, 3)).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(out, connector.perceiver.norm(pooled + connector.perceiver.latents))
+        changed = features.clone().view(2, 4, 9, 128)
+        changed[:, 2:, 6:] += 5.0  # only the bottom-right region (latent 5) changes
+        moved = connector(changed.view(2, 36, 128), (4, 9), 1, (2, 3))
+    differs = (moved - out).abs().amax(dim=(0, 2)) > 1e-4
+    assert differs.tolist() == [False, False, False, False, False, True]

@@ -347,8 +347,10 @@ def test_forward_backward_shuffle_connector_mixed_sizes(tokenizer, make_tiny_mod
     assert_has_grad(model.get_input_embeddings().weight, "the LM embeddings")
 
 
-def test_forward_backward_perceiver_connector_mixed_sizes(tokenizer, make_tiny_model):
-    model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32)
+@pytest.mark.parametrize("pooled_queries", [False, True])
+def test_forward_backward_perceiver_connector_mixed_sizes(tokenizer, make_tiny_model, pooled_queries):
+    model = make_tiny_model(connector="perceiver", perceiver_latents=8, perceiver_heads=4, perceiver_head_dim=32,
+                            perceiver_pooled_queries=pooled_queries)
     image_processor = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=64)
     processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = [noise(40, 60, 0), noise(100, 130, 1), noise(300, 200, 2)]
