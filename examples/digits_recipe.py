@@ -72,16 +72,19 @@ RECIPE = dict(
     max_image_size=None,  # the image processor's long-side limit; None: max_side (no canvas is downscaled)
     curriculum_start=0.3,  # fraction of the epochs on min_side x min_side canvases only
     curriculum_full=0.7,  # fraction of the epochs by which the largest side reaches max_side
-    shuffle_factors=(2, 3, 4),  # on 128-384 px canvases budgets 144, 64 and 36 never pool; 16 pools the largest
+    shuffle_factors=(2, 4),  # on 128-384 px canvases budgets 144, 64 and 36 never pool; 16 pools the largest
+    shared_cell_encoder=True,  # factor 4 merges four encoded 2x2 cells: it reuses what factor 2 learns
     max_image_tokens=144,  # (384 / 16 / 2) ** 2: the largest canvas keeps every 2x2 patch cell, no pooling
-    # budget-robust training: every batch draws its max_image_tokens from these (None: always max_image_tokens);
-    # 64 and 36 listed twice: they lean on factors 3 and 4, which learn the digit more slowly than factor 2
-    train_budgets=(144, 64, 64, 36, 36, 16),
+    # budget-robust training: every batch draws its max_image_tokens from these (None: always max_image_tokens).
+    # 4 puts factor 4 on the 128 px canvases of the curriculum's start too (16 tokens at factor 2 fit every
+    # other budget there), so it trains from the first step
+    train_budgets=(144, 64, 36, 16, 4),
     eval_budgets=(144, 64, 36, 16),  # the held-out digits are evaluated at each (the budget curve)
     perceiver_latents=16,  # --connector perceiver: tokens per image, whatever the budget
     perceiver_depth=1,
     perceiver_heads=4,
     perceiver_head_dim=32,
+    perceiver_pooled_queries=True,  # queries start from their region's pooled content (digit 13 % -> 69 %)
     vision_layers=1,  # a 1-layer, 96-wide tower learns the digits as fast per step as 2 x 128 (2 x 192: slower),
     vision_hidden=96,  # and a step on large canvases costs much less: more steps fit in the time
     text_layers=2,  # 1 LM layer: -4 points of digit accuracy
@@ -139,26 +142,15 @@ def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full
 
 
 def build_digits_model(recipe: dict, seed: int):
-    """Offline tokenizer, image processor and processor, and a tiny model matched to them."""
+    """Offline tokenizer, a tiny model, and the processor built from the model's config (one source of settings)."""
     tokenizer = build_tokenizer(tokenizer_corpus())
-    connector = recipe.get("connector", "shuffle")
-    perceiver = {name: recipe[name] for name in ("perceiver_latents", "perceiver_depth", "perceiver_heads",
-                                                   "perceiver_head_dim")}
-    image_processor = NanoVLMImageProcessor(
-        patch_size=16,
-        max_image_tokens=recipe["max_image_tokens"],
-        max_image_size=recipe["max_image_size"] or recipe["max_side"],
-        shuffle_factors=recipe["shuffle_factors"],  # must be the model's: it refuses plans with other factors
-        connector=connector,
-        perceiver_latents=perceiver["perceiver_latents"],
-    )
-    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    connector_settings = {name: recipe[name] for name in (
+        "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
+        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries")}
     config = tiny_config(
         vocab_size=len(tokenizer),
-        image_token_id=processor.image_token_id,
-        shuffle_factors=recipe["shuffle_factors"],
-        connector=connector,
-        **perceiver,
+        image_token_id=tokenizer.convert_tokens_to_ids(NanoVLMProcessor.image_token),
+        **connector_settings,
         vision=dict(num_hidden_layers=recipe["vision_layers"], hidden_size=recipe["vision_hidden"],
                     intermediate_size=4 * recipe["vision_hidden"]),
         text=dict(num_hidden_layers=recipe["text_layers"], hidden_size=recipe["text_hidden"],
@@ -167,6 +159,10 @@ def build_digits_model(recipe: dict, seed: int):
                   pad_token_id=tokenizer.pad_token_id),
         initializer_range=recipe["init_range"],
     )
+    image_processor = NanoVLMImageProcessor.from_model_config(
+        config, max_image_tokens=recipe["max_image_tokens"], max_image_size=recipe["max_image_size"] or recipe["max_side"]
+    )
+    processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     torch.manual_seed(seed)
     model = NanoVLMForConditionalGeneration(config)
     set_generation_tokens(model, tokenizer)
