@@ -86,7 +86,8 @@ def test_digits_short_run_writes_metrics_curve_and_a_loadable_model(tmp_path):
     model, processor = load_saved(out / "model")
     assert type(model).__name__ == "NanoVLMForConditionalGeneration"
     assert processor.image_processor.max_image_size == 192
-    assert processor.image_processor.shuffle_factors == list(model.config.shuffle_factors) == [2, 3, 4]
+    assert processor.image_processor.shuffle_factors == list(model.config.shuffle_factors) == [2, 4]
+    assert model.config.shared_cell_encoder
     sample = digits.DigitsTask(*digits.load_split()["test"], seed=0, max_side=192, limit=1)[0]
     prompt = training_tools.chat_prompt(processor, digits.QUESTION)
     inputs = processor(text=[prompt], images=[sample["image"]], return_tensors="pt")
