@@ -37,11 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
-from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
-
 from digits import QUESTION, DigitsTask, load_split, tokenizer_corpus  # examples/: on sys.path (finetune.py)
 from digits_eval import evaluate_budgets, held_out_task, plot_budget_curve, print_budget_curve
 from training_tools import (
@@ -53,6 +48,10 @@ from training_tools import (
     set_generation_tokens,
     training_arguments,
 )
+
+from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
+from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+from processing.offline_tokenizer import build_tokenizer
 
 # The tuned recipe for the built-in task. Notes on why each value is what it is: the module docstring.
 RECIPE = dict(

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from huggingface_hub import HfApi
+from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -132,7 +131,7 @@ class PatchEmbeddingConv(nn.Conv2d):
     """
 
     @classmethod
-    def replacing(cls, conv: nn.Conv2d) -> "PatchEmbeddingConv":
+    def replacing(cls, conv: nn.Conv2d) -> PatchEmbeddingConv:
         """A `PatchEmbeddingConv` sharing `conv`'s weight and bias (built on the meta device: nothing is initialised)."""
         embedding = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None, device="meta"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
-
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.utils import is_torch_available
@@ -468,7 +467,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)  # integers: the plan just checked
 
     @classmethod
-    def from_model_config(cls, config, **kwargs) -> "NanoVLMImageProcessor":
+    def from_model_config(cls, config, **kwargs) -> NanoVLMImageProcessor:
         """An image processor for the model `config` describes (a `NanoVLMConfig`, e.g. `model.config`).
 
         The settings the model's weights fix (`MODEL_SETTINGS`: patch_size, connector, shuffle_factors,

@@ -322,7 +322,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         image_column: str | None = None,
         skip_bad_images: bool = False,
         **kwargs,
-    ) -> "BucketBatchSampler":
+    ) -> BucketBatchSampler:
         """A sampler for a dataset of rows (a `datasets.Dataset` or a list of dicts) with images.
 
         Image sizes come from columns when the dataset has them -- `image_sizes` (per row, [height, width] of each

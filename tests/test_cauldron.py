@@ -25,6 +25,7 @@ from processing import (
 )
 from processing.collator import BadRowError
 from processing.offline_tokenizer import build_tokenizer
+
 from test_collator import labelled_spans
 
 datasets = pytest.importorskip("datasets")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from processing import NanoVLMCollator
+
 from test_cauldron import encoded, photos
 from test_finetune import check_artifacts, finetune, finetune_dataset, load_saved, make_backbones, run_finetune
 

@@ -98,8 +98,9 @@ def test_digits_short_run_writes_metrics_curve_and_a_loadable_model(tmp_path):
 
 def make_backbones(root: Path):
     """A tiny random DINOv3 tower and a tiny Llama with an offline ChatML tokenizer, saved like Hub checkpoints."""
-    from processing.offline_tokenizer import build_tokenizer
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+
+    from processing.offline_tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     vision = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

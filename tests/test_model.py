@@ -5,11 +5,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
-from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 PATCH = 16
 

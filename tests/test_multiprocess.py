@@ -158,6 +158,7 @@ def test_main_job_launches_on_two_processes(tmp_path, launcher):
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate-ddp"])
 def test_dataset_job_launches_on_two_processes(tmp_path, launcher):
     import datasets
+
     from test_finetune import make_backbones, square_images
 
     make_backbones(tmp_path)

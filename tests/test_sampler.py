@@ -99,7 +99,8 @@ def test_every_epoch_has_the_same_number_of_batches(mixed_set, image_processor, 
 def test_every_sample_exactly_once_per_epoch_on_each_process_count(
     mixed_set, image_processor, options, num_processes, even_batches
 ):
-    make = lambda: make_sampler(mixed_set, image_processor, **options, num_replicas=num_processes, seed=1)
+    def make():
+        return make_sampler(mixed_set, image_processor, **options, num_replicas=num_processes, seed=1)
     for epoch in (0, 1):
         per_process = shard_batches(make, num_processes, even_batches, epoch)
         assert len({len(batches) for batches in per_process}) == 1  # equal step counts: no DDP hang
@@ -110,7 +111,8 @@ def test_every_sample_exactly_once_per_epoch_on_each_process_count(
 
 def test_without_num_replicas_accelerate_repeats_samples_to_even_out(mixed_set, image_processor):
     # What the module docstring warns about: a sampler built for one process, sharded over three.
-    make = lambda: make_sampler(mixed_set, image_processor, batch_size=8)
+    def make():
+        return make_sampler(mixed_set, image_processor, batch_size=8)
     seen = [index for batches in shard_batches(make, 3) for batch in batches for index in batch]
     assert set(seen) == set(range(NUM_SAMPLES)) and len(seen) > NUM_SAMPLES
 
@@ -153,7 +155,8 @@ def test_resume_mid_epoch_gives_the_remaining_batches(mixed_set, image_processor
 
 def test_accelerate_skip_first_batches_resumes_each_process_exactly(mixed_set, image_processor):
     # The Trainer's resume path: skip the batches this process already trained on in the current epoch.
-    make = lambda: make_sampler(mixed_set, image_processor, max_tokens_per_batch=2048, num_replicas=3, seed=2)
+    def make():
+        return make_sampler(mixed_set, image_processor, max_tokens_per_batch=2048, num_replicas=3, seed=2)
     for process_index, batches in enumerate(shard_batches(make, 3, epoch=1)):
         sampler = make()
         sampler.set_epoch(1)
@@ -350,7 +353,8 @@ def test_from_dataset_reads_sizes_from_headers_without_decoding(image_processor,
     monkeypatch.setattr(image_processing, "load_image", no_decoding)
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     seen_rows = []
-    text_length = lambda row: seen_rows.append(row) or len(row["prompt"])
+    def text_length(row):
+        return seen_rows.append(row) or len(row["prompt"])
     sampler = BucketBatchSampler.from_dataset(dataset, image_processor, text_length, batch_size=2)
     expected = BucketBatchSampler(sizes, [1, 2, 3, 4], image_processor, batch_size=2)
     assert sampler.lengths == expected.lengths and sampler.keys == expected.keys
