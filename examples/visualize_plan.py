@@ -42,7 +42,8 @@ def describe(plan: ImagePlan, height: int, width: int, budget: int) -> str:
     s = plan.shuffle_factor
     pooled = f", pooled from {plan.grid_height // s}x{plan.grid_width // s}" if plan.pooled else ""
     return (
-        f"{height}x{width} -> {plan.resized_height}x{plan.resized_width}, patch grid {plan.grid_height}x{plan.grid_width}, "
+        f"{height}x{width} -> {plan.resized_height}x{plan.resized_width}, "
+        f"patch grid {plan.grid_height}x{plan.grid_width}, "
         f"s={s}, token grid {plan.token_height}x{plan.token_width}{pooled} = {plan.num_tokens} tokens (budget {budget})"
     )
 

@@ -46,7 +46,8 @@ def normalize_pixels(pixel_values: torch.Tensor, mean, std, dtype: torch.dtype) 
     """
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:
         raise ValueError(
-            f"uint8 pixel_values need the image processor's mean and std, but the model config has image_mean={mean!r}, "
+            f"uint8 pixel_values need the image processor's mean and std, "
+            f"but the model config has image_mean={mean!r}, "
             f"image_std={std!r}; set config.image_mean / config.image_std to the processor's (3 values each)"
         )
     mean = torch.tensor(mean, dtype=torch.float32, device=pixel_values.device)
@@ -76,7 +77,9 @@ def pixel_unshuffle(x: torch.Tensor, grid_height: int, grid_width: int, factor: 
     batch, length, dim = x.shape
     rows, cols = grid_height // factor, grid_width // factor
     if grid_height % factor or grid_width % factor or length != rows * cols or dim % (factor * factor):
-        raise ValueError(f"pixel_unshuffle: ({length}, {dim}) is not a {grid_height}x{grid_width} grid shuffled by {factor}")
+        raise ValueError(
+            f"pixel_unshuffle: ({length}, {dim}) is not a {grid_height}x{grid_width} grid shuffled by {factor}"
+        )
     x = x.reshape(batch, rows, cols, factor, factor, dim // (factor * factor))
     x = x.permute(0, 1, 3, 2, 4, 5)
     return x.reshape(batch, grid_height * grid_width, dim // (factor * factor))
@@ -132,9 +135,16 @@ class PatchEmbeddingConv(nn.Conv2d):
 
     @classmethod
     def replacing(cls, conv: nn.Conv2d) -> PatchEmbeddingConv:
-        """A `PatchEmbeddingConv` sharing `conv`'s weight and bias (built on the meta device: nothing is initialised)."""
+        """A `PatchEmbeddingConv` sharing `conv`'s weight and bias.
+
+        Built on the meta device: nothing is initialised."""
         embedding = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None, device="meta"
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            bias=conv.bias is not None,
+            device="meta",
         )
         embedding.weight, embedding.bias = conv.weight, conv.bias
         # the tower initialised (or loaded) these parameters already: keep transformers' init pass off them
@@ -228,9 +238,13 @@ class NanoVLMConnector(nn.Module):
         if self.cell_factor:
             cell = self.cell_factor
             self.cell_encoder = nn.Sequential(nn.Linear(vision_dim * cell * cell, text_dim), ACT2FN[act])
-            self.projections = nn.ModuleDict({str(s): nn.Linear(text_dim * (s // cell) ** 2, text_dim) for s in factors})
+            self.projections = nn.ModuleDict(
+                {str(s): nn.Linear(text_dim * (s // cell) ** 2, text_dim) for s in factors}
+            )
         elif self.mode == "shuffle":
-            self.projections = nn.ModuleDict({str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors})
+            self.projections = nn.ModuleDict(
+                {str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors}
+            )
         else:
             self.projection = ProjectionMLP(vision_dim, text_dim, act)
             self.perceiver = Idefics2PerceiverResampler(
@@ -374,7 +388,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         super()._apply(fn, recurse)
         for module in self.language_model.modules():
             inv_freq = getattr(module, "inv_freq", None)
-            if isinstance(inv_freq, torch.Tensor) and inv_freq.dtype != torch.float32 and inv_freq.device.type != "meta":
+            if (
+                isinstance(inv_freq, torch.Tensor)
+                and inv_freq.dtype != torch.float32
+                and inv_freq.device.type != "meta"
+            ):
                 init_fn = {"default": getattr(module, "compute_default_rope_parameters", None), **ROPE_INIT_FUNCTIONS}
                 fresh, _ = init_fn[module.rope_type](module.config)
                 module.inv_freq = fresh.to(device=inv_freq.device, dtype=torch.float32)
@@ -426,7 +444,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         features = [None] * len(grids)
         for (grid_height, grid_width), indices in by_shape.items():
             # the tower takes the patches as they are (`PatchEmbeddingConv`): no image is rebuilt from them
-            pixels = torch.stack([images[i] for i in indices]).view(len(indices), grid_height, grid_width, 3, patch, patch)
+            pixels = torch.stack([images[i] for i in indices])
+            pixels = pixels.view(len(indices), grid_height, grid_width, 3, patch, patch)
             hidden = self.vision_tower(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens :]
             by_plan = defaultdict(list)
             for row, index in enumerate(indices):
@@ -498,7 +517,9 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         if pixel_values is None and self.training:  # a text-only batch: the tower and connector still get gradients
             # (DINOv3's mask_token is never used here, so it stays without a gradient on every process alike)
             mask_token = getattr(self.vision_tower.embeddings, "mask_token", None)
-            image_path = [p for p in [*self.vision_tower.parameters(), *self.connector.parameters()] if p is not mask_token]
+            image_path = [
+                p for p in [*self.vision_tower.parameters(), *self.connector.parameters()] if p is not mask_token
+            ]
             inputs_embeds = inputs_embeds + _zero_gradient(image_path)
         return self.language_model(
             inputs_embeds=inputs_embeds,

@@ -105,7 +105,13 @@ def _snapped(height: float, width: float, sizes, aspect_ratios) -> tuple[float, 
 
 
 def check_plan_settings(
-    *, patch_size: int, max_image_tokens: int, max_image_size: int, shuffle_factors, connector: str, perceiver_latents: int
+    *,
+    patch_size: int,
+    max_image_tokens: int,
+    max_image_size: int,
+    shuffle_factors,
+    connector: str,
+    perceiver_latents: int,
 ) -> tuple[int, ...]:
     """The shuffle factors a plan may choose from, sorted; a `ValueError` for settings no plan can follow.
 
@@ -181,7 +187,9 @@ def plan_image(
 
 
 def _model_settings(config) -> dict:
-    """`MODEL_SETTINGS` as `config` (a `NanoVLMConfig`, read by attribute: processing never imports the model) sets them.
+    """`MODEL_SETTINGS` as `config` sets them.
+
+    `config` is a `NanoVLMConfig`, read by attribute: processing never imports the model.
 
     A config without image_mean / image_std leaves them out."""
     settings = {
@@ -360,7 +368,12 @@ def _exact_draft_scale(stored_size: tuple[int, int], target_size: tuple[int, int
     """
     (width, height), (target_width, target_height) = stored_size, target_size
     for scale in (8, 4, 2):
-        if width % scale == 0 and height % scale == 0 and width // scale >= target_width and height // scale >= target_height:
+        if (
+            width % scale == 0
+            and height % scale == 0
+            and width // scale >= target_width
+            and height // scale >= target_height
+        ):
             return scale
     return 1
 
@@ -385,7 +398,9 @@ def _resize_rgb(image: Image.Image, size: tuple[int, int], resample: int) -> np.
     with warnings.catch_warnings():  # PIL's pixels are read-only; interpolate only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         batch = torch.from_numpy(pixels).unsqueeze(0)
-    resized = torch.nn.functional.interpolate(batch, size=(height, width), mode=_TORCH_FILTERS[resample], antialias=True)
+    resized = torch.nn.functional.interpolate(
+        batch, size=(height, width), mode=_TORCH_FILTERS[resample], antialias=True
+    )
     return resized[0].numpy()
 
 
@@ -461,7 +476,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.reduced_jpeg_decode = bool(reduced_jpeg_decode)
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(
-                f"image_mean and image_std need one value per RGB channel (std > 0), got {self.image_mean}, {self.image_std}"
+                f"image_mean and image_std need one value per RGB channel (std > 0), "
+                f"got {self.image_mean}, {self.image_std}"
             )
         self.plan(self.max_image_size, self.max_image_size)  # fail at construction on a bad setting
         self.shuffle_factors = sorted(int(s) for s in self.shuffle_factors)  # integers: the plan just checked
@@ -576,7 +592,9 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return patches.reshape(plan.num_patches, 3 * p * p)
 
     def _normalized(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """uint8 patches to float32 `(x / 255 - mean) / std`: one multiply into the output array, one subtract in place."""
+        """uint8 patches to float32 `(x / 255 - mean) / std`.
+
+        One multiply into the output array, one subtract in place."""
         p2 = self.patch_size**2
         std = np.asarray(self.image_std, np.float64)
         scale = np.repeat(1.0 / (255.0 * std), p2).astype(np.float32)
@@ -609,7 +627,10 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             token_grids.append((plan.token_height, plan.token_width))
             factors.append(plan.shuffle_factor)
         if self.pixel_dtype == "uint8":
-            pixel_values = np.concatenate(patch_chunks) if patch_chunks else np.zeros((0, 3 * self.patch_size**2), np.uint8)
+            if patch_chunks:
+                pixel_values = np.concatenate(patch_chunks)
+            else:
+                pixel_values = np.zeros((0, 3 * self.patch_size**2), np.uint8)
         else:
             pixel_values = self._normalized(patch_chunks)
         data = {
@@ -629,4 +650,14 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return output
 
 
-__all__ = ["NanoVLMImageProcessor", "PIXEL_DTYPES", "MODEL_SETTINGS", "check_plan_settings", "ImagePlan", "ImageInputError", "plan_image", "load_image", "image_size"]
+__all__ = [
+    "NanoVLMImageProcessor",
+    "PIXEL_DTYPES",
+    "MODEL_SETTINGS",
+    "check_plan_settings",
+    "ImagePlan",
+    "ImageInputError",
+    "plan_image",
+    "load_image",
+    "image_size",
+]

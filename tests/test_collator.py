@@ -155,7 +155,10 @@ VIDEO_PART = [{"role": "user", "content": [{"type": "video"}]}, {"role": "assist
         ("just text", "row 1: expected a dict"),
         (with_image(question="?"), "row 1: needs 'messages' or 'prompt' \\+ 'answer'"),
         (with_image(prompt="Which?", answer=""), "row 1: 'prompt' must be a string"),
-        (with_image(prompt="<image><image>?", answer="7"), "row 1: the text has 2 <image> placeholders but the row has 1"),
+        (
+            with_image(prompt="<image><image>?", answer="7"),
+            "row 1: the text has 2 <image> placeholders but the row has 1",
+        ),
         (with_image(images=[image(32, 32)], prompt="?", answer="7"), "row 1: has both"),
         (with_image(messages=[]), "row 1: 'messages' must be a non-empty list"),
         (with_image(messages=USER_ONLY), "row 1: no non-empty assistant turn"),

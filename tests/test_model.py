@@ -92,7 +92,8 @@ def test_any_size_divisible_by_patch_times_s_yields_the_planned_token_count():
 
 
 def test_shared_cell_encoder_merges_the_smallest_factors_encoded_cells():
-    """Factor 4 with cells of factor 2: token (i, j) = merge_4(concat of encode(2x2 cell) over its 2x2 cells, row-major)."""
+    """Factor 4 with cells of factor 2: token (i, j) = merge_4(concat of encode(2x2 cell) over its 2x2 cells,
+    row-major)."""
     model = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True)
     connector = model.connector
     assert sorted(connector.projections) == ["2", "4"] and connector.cell_factor == 2

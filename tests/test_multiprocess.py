@@ -118,7 +118,8 @@ def test_two_machines_launch_as_the_readme_shows(tmp_path):
         subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
              str(REPO / "examples" / "accelerate" / "ddp_bf16.yaml"), "--num_machines", "2",
-             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2",
+             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(port), "--num_processes", "2",
              str(REPO / "tests" / "multiprocess_train.py"), str(tmp_path)],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

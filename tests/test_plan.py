@@ -121,7 +121,9 @@ def random_size(rng: random.Random) -> tuple[int, int]:
 def test_plan_properties_over_thousands_of_sizes():
     rng = random.Random(20240611)
     cases = [(h, w, b) for h, w in SPECIAL_SIZES for b in BUDGETS]
-    cases += [(*random_size(rng), rng.choice(BUDGETS) if rng.random() < 0.5 else rng.randint(1, 5000)) for _ in range(4000)]
+    cases += [
+        (*random_size(rng), rng.choice(BUDGETS) if rng.random() < 0.5 else rng.randint(1, 5000)) for _ in range(4000)
+    ]
     pooled = chosen = 0
     for index, (height, width, budget) in enumerate(cases):
         patch, max_size, factors = SETTINGS[index % len(SETTINGS)]
@@ -159,12 +161,14 @@ def test_processor_plan_matches_plan_image_and_is_deterministic():
         plan = plan_image(height, width, max_image_tokens=100, max_image_size=1000, shuffle_factors=(1, 2, 4))
         assert ip.plan(height, width) == plan == ip.plan(height, width)
         assert ip.num_image_tokens(height, width) == plan.num_tokens
-        assert ip.num_image_tokens(height, width, max_image_tokens=7) == check_plan(height, width, 7, 16, 1000).num_tokens
+        small_budget = check_plan(height, width, 7, 16, 1000)
+        assert ip.num_image_tokens(height, width, max_image_tokens=7) == small_budget.num_tokens
 
 
 # --- the seed's examples -------------------------------------------------------------------------
 
-# (height, width, budget) -> (resized H, W, grid Gh, Gw, s, token th, tw), defaults: patch 16, factors (1, 2, 4), max 2048
+# (height, width, budget) -> (resized H, W, grid Gh, Gw, s, token th, tw),
+# defaults: patch 16, factors (1, 2, 4), max 2048
 TABLE = {
     (768, 768, 1024): (768, 768, 48, 48, 2, 24, 24),  # s=1 would be 2304 tokens; s=2 gives 576
     (1024, 1024, 1024): (1024, 1024, 64, 64, 2, 32, 32),  # exactly the budget at s=2
@@ -192,7 +196,8 @@ def test_seed_examples(size_budget, expected):
     height, width, budget = size_budget
     plan = plan_image(height, width, max_image_tokens=budget)
     assert plan == ImagePlan(*expected)
-    assert plan.pooled == (plan.num_tokens < (plan.grid_height // plan.shuffle_factor) * (plan.grid_width // plan.shuffle_factor))
+    merged_cells = (plan.grid_height // plan.shuffle_factor) * (plan.grid_width // plan.shuffle_factor)
+    assert plan.pooled == (plan.num_tokens < merged_cells)
     check_plan(height, width, budget)
 
 

@@ -156,10 +156,16 @@ def test_image_placeholder_mismatches_are_errors(processor):
     image = noise(32, 32)
     cases = [
         (dict(text="<image> one", images=[image, image]), r"1 <image> placeholders .* but 2 images"),
-        (dict(text=["<image>", "<image> <image>"], images=[image, image]), r"3 <image> placeholders .*\[1, 2\].* 2 images"),
+        (
+            dict(text=["<image>", "<image> <image>"], images=[image, image]),
+            r"3 <image> placeholders .*\[1, 2\].* 2 images",
+        ),
         (dict(text="no placeholder", images=[image]), r"0 <image> placeholders .* but 1 images"),
         (dict(text="<image> but none given"), r"1 <image> placeholders .* but 0 images"),
-        (dict(text=["<image>", "<image>"], images=[[image, image], []]), r"sample 0 has 1 <image> placeholders but 2 images"),
+        (
+            dict(text=["<image>", "<image>"], images=[[image, image], []]),
+            r"sample 0 has 1 <image> placeholders but 2 images",
+        ),
         (dict(text=["<image>", "<image>"], images=[[image]]), r"image lists for 1 samples but 2 texts"),
     ]
     for kwargs, message in cases:
@@ -174,7 +180,9 @@ def test_truncation_through_image_tokens_is_an_error(processor):
     image = noise(256, 256)  # 64 image tokens
     with pytest.raises(ValueError, match=r"sample 1: the images need 64 image tokens but 10 remain.*truncation"):
         processor(text=["short", "<image> and some text"], images=[image], truncation=True, max_length=10)
-    ok = processor(text="<image> and some more text", images=[image], truncation=True, max_length=66, return_tensors="pt")
+    ok = processor(
+        text="<image> and some more text", images=[image], truncation=True, max_length=66, return_tensors="pt"
+    )
     assert image_tokens(ok, processor) == [64] and ok["input_ids"].shape[1] == 66  # text cut, image kept whole
 
 
@@ -341,7 +349,8 @@ def test_forward_backward_shuffle_connector_mixed_sizes(tokenizer, make_tiny_mod
     )
     train_step(model, batch, processor.image_token_id)
     assert_has_grad(model.vision_tower.embeddings.patch_embeddings.weight, "the vision tower's patch embedding")
-    assert_has_grad(model.vision_tower.get_parameter("model.layer.0.attention.q_proj.weight"), "the tower's first layer")
+    first_q_proj = model.vision_tower.get_parameter("model.layer.0.attention.q_proj.weight")
+    assert_has_grad(first_q_proj, "the tower's first layer")
     for s in (1, 2, 4):
         assert_has_grad(model.connector.projections[str(s)].fc1.weight, f"the s={s} projection")
     assert_has_grad(model.get_input_embeddings().weight, "the LM embeddings")
@@ -413,7 +422,9 @@ def test_images_as_paths_and_encoded_bytes_give_the_same_batch(processor, tmp_pa
 def test_save_pretrained_refuses_a_processor_that_does_not_fit_the_model(tmp_path, processor, make_tiny_model):
     """Nothing is written: a mismatched pair on the Hub would fail for every user at their first forward."""
     model = make_tiny_model(shuffle_factors=(2, 4))
-    mismatched = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=64, shuffle_factors=[1, 2]), processor.tokenizer)
+    mismatched = NanoVLMProcessor(
+        NanoVLMImageProcessor(max_image_tokens=64, shuffle_factors=[1, 2]), processor.tokenizer
+    )
     with pytest.raises(ValueError, match=r"shuffle_factors \[1, 2\]"):
         model.save_pretrained(tmp_path / "bad", processor=mismatched)
     assert not (tmp_path / "bad").exists()
