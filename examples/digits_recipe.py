@@ -159,7 +159,8 @@ def build_digits_model(recipe: dict, seed: int):
         initializer_range=recipe["init_range"],
     )
     image_processor = NanoVLMImageProcessor.from_model_config(
-        config, max_image_tokens=recipe["max_image_tokens"], max_image_size=recipe["max_image_size"] or recipe["max_side"]
+        config, max_image_tokens=recipe["max_image_tokens"],
+        max_image_size=recipe["max_image_size"] or recipe["max_side"],
     )
     processor = NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
     torch.manual_seed(seed)
