@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     both.add_argument("--eval_samples", type=int, help="held-out rows to evaluate")
     both.add_argument("--max_new_tokens", type=int, help="tokens generated per held-out answer")
     both.add_argument("--logging_steps", type=int, default=10)
-    both.add_argument("--threads", type=int, help="torch CPU threads (built-in task: 1; --dataset: torch's default, "
-                      "OMP_NUM_THREADS or all cores)")
+    both.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, OMP_NUM_THREADS or all "
+                      "cores); on cores shared with other busy jobs, 1 avoids oversubscription (2 ran 7-30x slower)")
     args = parser.parse_args(argv)
 
     if args.set:
@@ -104,8 +104,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_flush_denormal(True)  # CPU: tiny activations as denormal floats slow steps ~15 %; losses identical
-    if args.threads or not args.dataset:  # the built-in model is tiny: 1 thread (on busy cores 2 ran 7-30x slower)
-        torch.set_num_threads(args.threads or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dataset:
         from finetune_dataset import run
     else:

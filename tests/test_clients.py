@@ -44,21 +44,27 @@ def chat_rows(count):
 # --- TRL -----------------------------------------------------------------------------------------------
 
 
-def test_trl_sft_trainer_trains_with_our_processor(tmp_path, processor, make_tiny_model):
-    """TRL's own VLM collator (apply_chat_template + processor(..., pad_to_multiple_of=..., padding_side=...))."""
+def sft_trainer(tmp_path, model, processor, rows=4, max_steps=2, data_collator=None, **config):
+    """TRL's `SFTTrainer` as its users build it for a VLM: our processor as `processing_class`, chat rows."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    model = make_tiny_model()
-    before = {name: value.detach().clone() for name, value in model.named_parameters()}
-    trainer = trl.SFTTrainer(
+    return trl.SFTTrainer(
         model=model,
         processing_class=processor,
-        train_dataset=datasets.Dataset.from_dict(chat_rows(6)),
+        train_dataset=datasets.Dataset.from_dict(chat_rows(rows)),
+        data_collator=data_collator,
         args=trl.SFTConfig(
-            output_dir=str(tmp_path), max_length=None, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-            pad_to_multiple_of=8, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+            output_dir=str(tmp_path), max_length=None, max_steps=max_steps, per_device_train_batch_size=2,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, **config,
         ),
     )
+
+
+def test_trl_sft_trainer_trains_with_our_processor(tmp_path, processor, make_tiny_model):
+    """TRL's own VLM collator (apply_chat_template + processor(..., pad_to_multiple_of=..., padding_side=...))."""
+    model = make_tiny_model()
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    trainer = sft_trainer(tmp_path, model, processor, rows=6, max_steps=3, learning_rate=1e-3, pad_to_multiple_of=8)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert batch["input_ids"].shape[1] % 8 == 0  # pad_to_multiple_of reached the tokenizer
     assert (batch["labels"] == processor.image_token_id).any()  # TRL leaves image tokens in the labels...
@@ -73,20 +79,9 @@ def test_trl_sft_trainer_trains_with_our_processor(tmp_path, processor, make_tin
 def test_trl_sft_trainer_with_our_collator(tmp_path, processor, make_tiny_model):
     """With `data_collator=NanoVLMCollator(processor)`, labels hold the answers only, so TRL's loss normaliser
     (`num_items_in_batch`, the count of labels that are not -100) counts answer tokens only."""
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
     from processing import NanoVLMCollator
 
-    trainer = trl.SFTTrainer(
-        model=make_tiny_model(),
-        processing_class=processor,
-        train_dataset=datasets.Dataset.from_dict(chat_rows(4)),
-        data_collator=NanoVLMCollator(processor),
-        args=trl.SFTConfig(
-            output_dir=str(tmp_path), max_length=None, max_steps=2, per_device_train_batch_size=2, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        ),
-    )
+    trainer = sft_trainer(tmp_path, make_tiny_model(), processor, data_collator=NanoVLMCollator(processor))
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert not (batch["labels"] == processor.image_token_id).any() and (batch["labels"] != -100).any()
     trainer.train()
@@ -97,19 +92,9 @@ def test_trl_assistant_only_loss_labels_what_our_collator_labels(tmp_path, proce
     """`SFTConfig(assistant_only_loss=True)` reads the `{% generation %}` marks of our chat template (through
     `return_assistant_tokens_mask`, moved past the expanded image tokens): TRL's own collator then labels exactly
     the answers and their `<|im_end|>`, as NanoVLMCollator does."""
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
     from processing import NanoVLMCollator
 
-    trainer = trl.SFTTrainer(
-        model=make_tiny_model(),
-        processing_class=processor,
-        train_dataset=datasets.Dataset.from_dict(chat_rows(4)),
-        args=trl.SFTConfig(
-            output_dir=str(tmp_path), max_length=None, max_steps=2, per_device_train_batch_size=2, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, assistant_only_loss=True,
-        ),
-    )
+    trainer = sft_trainer(tmp_path, make_tiny_model(), processor, assistant_only_loss=True)
     rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
     batch = trainer.data_collator([dict(row) for row in rows])
     ours = NanoVLMCollator(processor)(rows)
