@@ -16,16 +16,18 @@ The recipe (`RECIPE`; any key can be changed with `--recipe KEY=VALUE`), and wha
     steps on 128 px canvases).
   - a curriculum by epoch: 128 x 128 canvases for the first 30 % (one geometry: the digit takes off there; mixed
     sizes from step 0 stayed at chance), then the largest side grows to 384 by 70 % of the run.
-  - budget-robust training: shuffle factors (2, 3, 4), and every batch draws its budget from 144 / 64 / 64 / 36 /
-    36 / 16 (`BucketBatchSampler(budgets=...)`), so one model answers at any of them when the budget is lowered per
-    call (`processor(..., max_image_tokens=36)`). On 128-384 px canvases budgets 144, 64 and 36 never pool; 16
-    pools the largest canvases. Measured (held-out digit at 144 / 64 / 36 / 16, 1700 steps, seed 0): factors
-    (2, 4) with budgets drawn evenly 83.9 / 61.1 / 38.9 / 23.9 %; (2, 3, 4) 85.6 / 67.2 / 40.3 / 20.8 %;
-    (2, 3, 4) with 64 and 36 drawn twice as often 82.5 / 72.5 / 48.6 / 21.9 %. Factors (1, 2, 4) learned more
-    slowly (training loss 0.37 against 0.15 after ~410 steps: factor 1 spends 64 tokens on a 128 px canvas).
-  - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler), no budget draw.
+  - budget-robust training: shuffle factors (2, 4) with a shared cell encoder (factor 4 merges four encoded 2x2
+    cells), and every batch draws its budget from 144 / 64 / 36 / 16 / 4 (`BucketBatchSampler(budgets=...)`), so
+    one model answers at any of them when the budget is lowered per call (`processor(..., max_image_tokens=36)`).
+    The 4 matters: at the other budgets a 128 px canvas fits at factor 2, so without it factor 4 would never see
+    the curriculum's start. Measured (held-out digit at 144 / 64 / 36 / 16, seed 0): 85.0 / 79.2 / 70.8 / 56.9 %
+    in 2200 steps; independent projections with factors (2, 3, 4) and budgets 144 / 64 / 64 / 36 / 36 / 16 gave
+    83.3 / 68.9 / 45.0 / 19.4 % in 1700 (the README's "Choosing a budget" has every recipe compared).
+  - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler whose queries start from
+    their region's pooled content), no budget draw.
   - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases.
-  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 1700 steps.
+  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 2200 steps (265 s
+    with 2 threads on 2 idle cores; 1700 steps cost 5 points at 144).
 """
 
 from __future__ import annotations

@@ -152,6 +152,7 @@ class PatchEmbeddingConv(nn.Conv2d):
         return embedding
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, Gh, Gw, 3, p, p) patches -> (B, D, Gh, Gw) by one matmul; a 4-D image goes through the conv as usual."""
         if pixel_values.dim() != 6:
             return super().forward(pixel_values)
         if tuple(pixel_values.shape[3:]) != (self.in_channels, *self.kernel_size):
@@ -194,6 +195,7 @@ class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
             return torch.cos(angles), torch.sin(angles)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the patch centres' 2-D RoPE angles, computed in float32 and cast to the query dtype."""
         grid_height, grid_width = tower_grid(pixel_values, self.config.patch_size)
         cos, sin = self.float32_cos_sin(grid_height, grid_width, pixel_values.device)
         device_type = pixel_values.device.type
@@ -205,6 +207,7 @@ class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
 
 
 class ProjectionMLP(nn.Module):
+    """Linear -> activation -> Linear: the connector's projection to the LM width (LLaVA's two-layer MLP)."""
     def __init__(self, in_features: int, out_features: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(in_features, out_features)
@@ -212,6 +215,7 @@ class ProjectionMLP(nn.Module):
         self.fc2 = nn.Linear(out_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -337,6 +341,8 @@ register_checkpoint_conversion_mapping(
 
 
 class NanoVLMPreTrainedModel(PreTrainedModel):
+    """The settings shared by the headless and the generation model: config class, FSDP units, attention backends."""
+
     config: NanoVLMConfig
     config_class = NanoVLMConfig
     base_model_prefix = "model"

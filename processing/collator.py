@@ -88,6 +88,7 @@ class NanoVLMCollator:
         _marked_chat_template(processor)  # fail here, not at the first batch
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Rows -> one batch: `input_ids`, `attention_mask`, `labels` (answers only), the images' patches and plans."""
         prepared = []  # (row name, messages, images) of the rows kept
         for position, row in enumerate(rows):
             try:

@@ -642,6 +642,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, images, return_tensors=None, **overrides) -> BatchFeature:
+        """Same as `preprocess`."""
         return self.preprocess(images, return_tensors=return_tensors, **overrides)
 
     def to_dict(self):

@@ -49,6 +49,7 @@ class NanoVLMImagesKwargs(ImagesKwargs, total=False):
 
 
 class NanoVLMProcessorKwargs(ProcessingKwargs, total=False):
+    """The processor's typed kwargs: the plan fields go to the image processor, everything else to the tokenizer."""
     images_kwargs: NanoVLMImagesKwargs
 
 
