@@ -208,6 +208,7 @@ class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
 
 class ProjectionMLP(nn.Module):
     """Linear -> activation -> Linear: the connector's projection to the LM width (LLaVA's two-layer MLP)."""
+
     def __init__(self, in_features: int, out_features: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(in_features, out_features)

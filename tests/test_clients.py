@@ -16,6 +16,8 @@ from PIL import Image
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMTrainer
 from processing import ImageInputError
 
+from test_processor import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
+
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -167,16 +169,9 @@ def test_peft_lora_on_the_language_model(tmp_path, processor, make_tiny_model):
 
 # --- lmms-eval's generic adapter and pipeline, remote code in a fresh process ----------------------------
 
-FRESH_PROCESS = textwrap.dedent(
+FRESH_PROCESS = BLOCK_REPOSITORY + textwrap.dedent(
     """
-    import builtins, importlib.abc, json, sys
-
-    class BlockRepository(importlib.abc.MetaPathFinder):  # not even an editable install may help
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("processing", "modeling_nanovlm"):
-                raise ImportError(f"{name} must not be importable here")
-
-    sys.meta_path.insert(0, BlockRepository())
+    import builtins, json
 
     class Asked(BaseException):  # transformers catches Exception around its y/N prompt
         pass

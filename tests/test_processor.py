@@ -83,10 +83,10 @@ def test_config_round_trip(tokenizer, tmp_path):
         assert torch.equal(before[key], after[key]), key
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+# Prepended to scripts run in a fresh process: this repository must not be importable there, as for a Hub user.
+BLOCK_REPOSITORY = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    import numpy as np
+    import importlib.abc, sys
 
     class BlockRepository(importlib.abc.MetaPathFinder):  # even an editable install must not help
         def find_spec(self, name, path=None, target=None):
@@ -94,6 +94,13 @@ REMOTE_SCRIPT = textwrap.dedent(
                 raise ImportError(f"{name} must not be importable here")
 
     sys.meta_path.insert(0, BlockRepository())
+    """
+)
+
+REMOTE_SCRIPT = BLOCK_REPOSITORY + textwrap.dedent(
+    """
+    import json
+    import numpy as np
     from transformers import AutoProcessor
 
     folder = sys.argv[1]
