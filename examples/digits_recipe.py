@@ -20,14 +20,20 @@ The recipe (`RECIPE`; any key can be changed with `--recipe KEY=VALUE`), and wha
     cells), and every batch draws its budget from 144 / 64 / 36 / 16 / 4 (`BucketBatchSampler(budgets=...)`), so
     one model answers at any of them when the budget is lowered per call (`processor(..., max_image_tokens=36)`).
     The 4 matters: at the other budgets a 128 px canvas fits at factor 2, so without it factor 4 would never see
-    the curriculum's start. Measured (held-out digit at 144 / 64 / 36 / 16, seed 0): 85.0 / 79.2 / 70.8 / 56.9 %
-    in 2200 steps; independent projections with factors (2, 3, 4) and budgets 144 / 64 / 64 / 36 / 36 / 16 gave
-    83.3 / 68.9 / 45.0 / 19.4 % in 1700 (the README's "Choosing a budget" has every recipe compared).
+    the curriculum's start (dropping 16 cost 2 points at 36 and 6 at 16).
+  - locality and place in the connector: a 3x3 convolution over the encoded cells before the merge
+    (`cell_context_kernel`), one over each image's tokens (`token_context_kernel`), and each token's 2-D place
+    (`image_token_positions`). Without them the LM, whose positions are 1-D, had to put a digit back together from
+    tokens cut at 32 or 64 px: held-out digit at 144 / 64 / 36 / 16 (seed 0, 2200 steps) 85.3 / 79.4 / 70.6 /
+    57.2 % without, 96.4 / 93.6 / 89.4 / 70.0 % with; each alone: cell context 94.2 / 86.9 / 79.7 / 63.6,
+    positions 85.3 / 84.4 / 77.5 / 57.5, token context with positions 94.7 / 87.8 / 81.7 / 68.3 (the README's
+    "Choosing a budget" has every recipe compared). They make a step ~18 % dearer on the largest canvases.
   - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler whose queries start from
     their region's pooled content), no budget draw.
-  - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases.
-  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16, 2200 steps (265 s
-    with 2 threads on 2 idle cores; 1700 steps cost 5 points at 144).
+  - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases (with
+    budget-robust training too: 2 layers gave 80.6 / 78.3 / 72.2 / 53.1 % against 85.3 / 79.4 / 70.6 / 57.2 %).
+  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16 (batch 8 for 4000 steps
+    was worse), 2600 steps: 252 s with 2 threads on 2 idle cores; over 2200 steps about +2 points at 36, +10 at 16.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from processing.offline_tokenizer import build_tokenizer
 
 # The tuned recipe for the built-in task. Notes on why each value is what it is: the module docstring.
 RECIPE = dict(
-    max_steps=2200,
+    max_steps=2600,
     batch_size=16,
     learning_rate=1e-3,  # vision tower; >= 2e-3 leaves it stuck at chance
     connector_learning_rate=1e-3,
@@ -75,6 +81,9 @@ RECIPE = dict(
     curriculum_full=0.7,  # fraction of the epochs by which the largest side reaches max_side
     shuffle_factors=(2, 4),  # on 128-384 px canvases budgets 144, 64 and 36 never pool; 16 pools the largest
     shared_cell_encoder=True,  # factor 4 merges four encoded 2x2 cells: it reuses what factor 2 learns
+    cell_context_kernel=3,  # each encoded cell also carries its 3x3 neighbourhood before the merge,
+    token_context_kernel=3,  # and each token its neighbouring tokens: a digit cut by token borders stays readable
+    image_token_positions=True,  # each token knows its 2-D place (the LM's positions are 1-D)
     max_image_tokens=144,  # (384 / 16 / 2) ** 2: the largest canvas keeps every 2x2 patch cell, no pooling
     # budget-robust training: every batch draws its max_image_tokens from these (None: always max_image_tokens).
     # 4 puts factor 4 on the 128 px canvases of the curriculum's start too (16 tokens at factor 2 fit every
@@ -95,6 +104,10 @@ RECIPE = dict(
     init_range=0.02,  # the connector's projections (the vision tower keeps DINOv3's own 0.02)
 )
 
+# What `--connector perceiver` changes: a fixed token count leaves no budget to draw or to lower, and its steps cost
+# more (2200 took 338 s on the idle machine; the shuffle connector's 2600, 252 s).
+PERCEIVER_RECIPE = dict(train_budgets=None, max_steps=2200)
+
 # Command-line settings that replace a recipe value (`--batch_size 4` is `--recipe batch_size=4`).
 RECIPE_FLAGS = ("max_steps", "batch_size", "min_side", "max_side", "max_image_tokens")
 
@@ -102,8 +115,8 @@ RECIPE_FLAGS = ("max_steps", "batch_size", "min_side", "max_side", "max_image_to
 def recipe_from_args(args) -> dict:
     """RECIPE with the command line's changes: `--connector`, `--recipe KEY=VALUE`, then the named flags."""
     recipe = dict(RECIPE, connector=args.connector)
-    if args.connector == "perceiver":  # a fixed token count: there is no budget to draw or to lower
-        recipe["train_budgets"] = None
+    if args.connector == "perceiver":
+        recipe.update(PERCEIVER_RECIPE)
     for item in args.recipe:
         key, _, value = item.partition("=")
         if key not in recipe:
@@ -147,7 +160,8 @@ def build_digits_model(recipe: dict, seed: int):
     tokenizer = build_tokenizer(tokenizer_corpus())
     connector_settings = {name: recipe[name] for name in (
         "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
-        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries")}
+        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries", "cell_context_kernel",
+        "token_context_kernel", "image_token_positions")}
     config = tiny_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(NanoVLMProcessor.image_token),

@@ -14,11 +14,22 @@ class NanoVLMConfig(PreTrainedConfig):
     connector (`str`): "shuffle" (pixel shuffle by a per-image factor, average pooling when even the
         largest factor exceeds the budget, then a projection per factor) or "perceiver" (a fixed number
         of latents per image through transformers' Idefics2 Perceiver resampler).
+        `shared_cell_encoder`, `cell_context_kernel`, `token_context_kernel` and `image_token_positions` are
+        shuffle-connector settings.
     shuffle_factors (`list[int]`): allowed pixel-shuffle factors, one projection each.
     shared_cell_encoder (`bool`): every factor reads the smallest factor's s0 x s0 patch cells through one shared
         encoder layer, and factor s merges its (s/s0)^2 encoded cells with its own linear layer, so the larger
         factors reuse what the smallest learns (instead of one independent two-layer projection per factor).
         Needs every factor to be a multiple of the smallest. Trains one model for many budgets far better.
+    cell_context_kernel (`int`): with `shared_cell_encoder`, the side (odd) of a convolution over the grid of
+        encoded cells whose output is added to each cell, so every token also carries its neighbourhood (the
+        locality-keeping idea of Honeybee's C-Abstractor and MobileVLM's LDP): what token borders cut, and what a
+        larger factor merges, stays readable. 0: none.
+    token_context_kernel (`int`): the side (odd) of a convolution over each image's grid of output tokens whose
+        output is added to each token: every token also carries its neighbouring tokens. 0: none.
+    image_token_positions (`bool`): add a learned map of each image token's 2-D place in the image (a fixed sin-cos
+        embedding of its centre, relative to the image) to the token. The LM's positions are 1-D, so without it a
+        token's row and column depend on the token grid's width, which changes with the image and the budget.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     perceiver_pooled_queries (`bool`): each latent's query starts as the image's context average-pooled to a
         latents-sized grid (plus the learned latent), so every output token begins with its own region's content
@@ -56,6 +67,9 @@ class NanoVLMConfig(PreTrainedConfig):
     perceiver_heads: int = 8
     perceiver_head_dim: int = 64
     perceiver_pooled_queries: bool = False
+    cell_context_kernel: int = 0
+    token_context_kernel: int = 0
+    image_token_positions: bool = False
     vision_rope_augmentation: bool = False
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
@@ -75,6 +89,18 @@ class NanoVLMConfig(PreTrainedConfig):
             raise ValueError(
                 "shared_cell_encoder needs every shuffle factor to be a multiple of the smallest (its cells are "
                 f"the smallest factor's), got {self.shuffle_factors}"
+            )
+        for name in ("cell_context_kernel", "token_context_kernel"):
+            kernel = getattr(self, name)
+            if int(kernel) != kernel or kernel < 0 or (kernel and kernel % 2 == 0):
+                raise ValueError(
+                    f"{name} must be 0 (none) or an odd kernel side (the convolution keeps its grid's size), "
+                    f"got {kernel!r}"
+                )
+            setattr(self, name, int(kernel))
+        if self.cell_context_kernel and not self.shared_cell_encoder:
+            raise ValueError(
+                "cell_context_kernel needs shared_cell_encoder=True: its convolution runs over the encoded cells"
             )
         # The LM's own tie setting decides; keep it visible on the composite config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

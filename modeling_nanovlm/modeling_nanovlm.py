@@ -116,6 +116,12 @@ def grid_position_embedding(grid_height: int, grid_width: int, dim: int, device=
     return embedding.to(dtype) if dtype is not None else embedding
 
 
+def on_grid(grid_op, tokens: torch.Tensor, grid_hw: tuple[int, int], *args) -> torch.Tensor:
+    """Apply a (B, D, H, W) image op (pooling, a convolution) to (B, H*W, D) row-major tokens; tokens come back."""
+    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_hw)
+    return grid_op(grid, *args).flatten(2).transpose(1, 2)
+
+
 def tower_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
     """(Gh, Gw) of what the vision tower is given: patches (B, Gh, Gw, 3, p, p) or an image (B, 3, H, W)."""
     if pixel_values.dim() == 6:
@@ -240,12 +246,18 @@ class NanoVLMConnector(nn.Module):
         # shared_cell_encoder: the smallest factor's cells are encoded once (first layer, shared) and factor s
         # merges its (s / cell)^2 encoded cells (second layer, its own); else one two-layer projection per factor.
         self.cell_factor = factors[0] if self.mode == "shuffle" and config.shared_cell_encoder else None
+        self.cell_context = None
         if self.cell_factor:
             cell = self.cell_factor
             self.cell_encoder = nn.Sequential(nn.Linear(vision_dim * cell * cell, text_dim), ACT2FN[act])
             self.projections = nn.ModuleDict(
                 {str(s): nn.Linear(text_dim * (s // cell) ** 2, text_dim) for s in factors}
             )
+            # A convolution over the grid of encoded cells, added to each cell: a cell (and every token merged from
+            # it) also carries its neighbourhood, so what token borders cut stays readable at the larger factors.
+            kernel = config.cell_context_kernel
+            if kernel:
+                self.cell_context = nn.Conv2d(text_dim, text_dim, kernel, padding=kernel // 2)
         elif self.mode == "shuffle":
             self.projections = nn.ModuleDict(
                 {str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors}
@@ -270,6 +282,16 @@ class NanoVLMConnector(nn.Module):
             # random latents break that symmetry; small ones (queries are RMS-normalised, so their scale does not
             # matter there) keep the constant latent out of the output's residual, leaving the image's content.
             nn.init.normal_(self.perceiver.latents, std=config.text_config.initializer_range)
+        self.token_context = self.token_position = None
+        if self.mode == "shuffle":
+            # The same idea one level up: each token also carries its neighbouring tokens.
+            kernel = config.token_context_kernel
+            if kernel:
+                self.token_context = nn.Conv2d(text_dim, text_dim, kernel, padding=kernel // 2)
+            # The LM's positions are 1-D: a token's row and column depend on the token grid's width, which changes
+            # with every image. A learned map of each token's 2-D place (relative to the image) is added to it.
+            if config.image_token_positions:
+                self.token_position = nn.Linear(text_dim, text_dim, bias=False)
 
     def _resample(self, context: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """(B, Gh*Gw, text_dim) context -> (B, latents, text_dim) through the Idefics2 resampler's layers."""
@@ -278,8 +300,7 @@ class NanoVLMConnector(nn.Module):
             return self.perceiver(context, attention_mask=mask)
         latents = self.perceiver.n_latents
         rows = max(r for r in range(1, math.isqrt(latents) + 1) if latents % r == 0)  # the squarest grid
-        grid = context.transpose(1, 2).reshape(context.shape[0], -1, *grid_hw)
-        queries = F.adaptive_avg_pool2d(grid, (rows, latents // rows)).flatten(2).transpose(1, 2)
+        queries = on_grid(F.adaptive_avg_pool2d, context, grid_hw, (rows, latents // rows))
         queries = queries + self.perceiver.latents
         for layer in self.perceiver.layers:  # the resampler's own loop, with these queries (no mask: none padded)
             queries = layer(queries, context, attention_mask=None, position_ids=None)
@@ -314,15 +335,21 @@ class NanoVLMConnector(nn.Module):
                     f"the image processor pools at shuffle factor {factor}, which only happens when its factors "
                     f"or connector mode differ from this model's (shuffle, {sorted(int(s) for s in self.projections)})"
                 )
-            grid = features.transpose(1, 2).reshape(features.shape[0], -1, grid_height, grid_width)
-            grid = F.adaptive_avg_pool2d(grid, (pooled_height, pooled_width))
-            features = grid.flatten(2).transpose(1, 2)
+            features = on_grid(F.adaptive_avg_pool2d, features, grid_hw, (pooled_height, pooled_width))
         projection = self.projections[str(factor)]
         if self.cell_factor:  # (B, Gh*Gw, D) -> (B, cells, text_dim), then the cells are shuffled by s / cell
             cell = self.cell_factor
             features = self.cell_encoder(pixel_shuffle(features, pooled_height, pooled_width, cell))
             pooled_height, pooled_width, factor = pooled_height // cell, pooled_width // cell, factor // cell
-        return projection(pixel_shuffle(features, pooled_height, pooled_width, factor))
+            if self.cell_context is not None:
+                features = features + on_grid(self.cell_context, features, (pooled_height, pooled_width))
+        tokens = projection(pixel_shuffle(features, pooled_height, pooled_width, factor))
+        if self.token_context is not None:
+            tokens = tokens + on_grid(self.token_context, tokens, token_hw)
+        if self.token_position is not None:
+            positions = grid_position_embedding(*token_hw, tokens.shape[-1], tokens.device, tokens.dtype)
+            tokens = tokens + self.token_position(positions)
+        return tokens
 
 
 # Checkpoints keep the layout nanoVLM was first saved in (`language_model.model.*` = LlamaModel,

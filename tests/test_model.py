@@ -8,6 +8,7 @@ import torch
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
+from modeling_nanovlm.modeling_nanovlm import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 
@@ -111,6 +112,91 @@ def test_shared_cell_encoder_merges_the_smallest_factors_encoded_cells():
     assert pooled.shape == (2, 2, 128)
 
 
+def test_cell_context_adds_a_convolution_over_the_encoded_cells_before_the_merge():
+    """With cell_context_kernel=3, factor 2's token (i, j) = merge_2(c + conv(c)) on the grid of encoded cells c, and
+    factor 4 merges those context-carrying cells."""
+    model = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True, cell_context_kernel=3)
+    connector = model.connector
+    features = torch.randn(1, 8 * 12, 128)
+    with torch.no_grad():
+        cells = connector.cell_encoder(reference_shuffle(features, 8, 12, 2))  # (1, 4 * 6, D), row-major cells
+        grid = cells.transpose(1, 2).reshape(1, -1, 4, 6)
+        expected = cells + torch.nn.functional.conv2d(grid, connector.cell_context.weight, connector.cell_context.bias,
+                                                      padding=1).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(connector(features, (8, 12), 2, (4, 6)), connector.projections["2"](expected))
+        context = expected.view(1, 4, 6, -1)
+        merged = torch.cat([context[:, a, b] for a in range(2) for b in range(2)], dim=-1)  # factor 4's token (0, 0)
+        torch.testing.assert_close(connector(features, (8, 12), 4, (2, 3))[:, 0], connector.projections["4"](merged))
+
+    without = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True).connector
+    assert without.cell_context is None and not any("context" in name for name, _ in without.named_parameters())
+
+
+def test_token_context_adds_a_convolution_over_each_images_token_grid():
+    model = make_model(shuffle_factors=(2, 4), token_context_kernel=3)
+    connector = model.connector
+    plain = make_model(shuffle_factors=(2, 4)).connector
+    plain.load_state_dict({k: v for k, v in connector.state_dict().items() if not k.startswith("token_context")})
+    features = torch.randn(2, 8 * 12, 128)
+    with torch.no_grad():
+        for factor, token_hw in ((2, (4, 6)), (4, (2, 3)), (4, (1, 2))):  # the last one pooled
+            tokens = plain(features, (8, 12), factor, token_hw)
+            grid = tokens.transpose(1, 2).reshape(2, -1, *token_hw)
+            context = connector.token_context(grid).flatten(2).transpose(1, 2)
+            torch.testing.assert_close(connector(features, (8, 12), factor, token_hw), tokens + context)
+
+
+@pytest.mark.parametrize("cell_kernel, token_kernel", [(3, 0), (0, 3), (3, 3), (5, 0)])
+def test_context_kernels_widen_what_a_token_sees_by_their_radius(cell_kernel, token_kernel):
+    """At factor 2 (cells = tokens) a patch moves the tokens within (cell_kernel // 2 + token_kernel // 2) of its own
+    token, and no others."""
+    model = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True, cell_context_kernel=cell_kernel,
+                       token_context_kernel=token_kernel)
+    features = torch.randn(1, 12 * 12, 128)
+    changed = features.clone().view(1, 12, 12, -1)
+    changed[0, 5, 5] += 1.0  # a patch of token (2, 2)
+    with torch.no_grad():
+        moved = model.connector(changed.view(1, 144, -1), (12, 12), 2, (6, 6)) - model.connector(
+            features, (12, 12), 2, (6, 6))
+    radius = cell_kernel // 2 + token_kernel // 2
+    rows, cols = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    near = ((rows - 2).abs() <= radius) & ((cols - 2).abs() <= radius)
+    assert torch.equal(moved.abs().amax(-1).view(6, 6) > 0, near)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(shared_cell_encoder=True, cell_context_kernel=2), r"cell_context_kernel must be 0 \(none\) or an odd.*got 2"),
+    (dict(token_context_kernel=-3), r"token_context_kernel must be 0 \(none\) or an odd.*got -3"),
+    (dict(token_context_kernel=2.5), r"token_context_kernel .* got 2.5"),
+    (dict(cell_context_kernel=3), r"cell_context_kernel needs shared_cell_encoder=True"),
+])
+def test_context_kernels_must_be_odd_and_the_cell_context_needs_the_shared_cell_encoder(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(shuffle_factors=(2, 4), **settings)
+
+
+def test_image_token_positions_add_a_learned_map_of_each_tokens_place():
+    """Each token gets W . e(row, column), e the fixed 2-D sin-cos embedding of its centre relative to the image: the
+    same content at two places gives two tokens, and the same place on grids of two resolutions the same addition;
+    the Perceiver (whose context carries positions already) has none."""
+    model = make_model(shuffle_factors=(2, 4), image_token_positions=True)
+    connector = model.connector
+    plain = make_model(shuffle_factors=(2, 4)).connector
+    plain.load_state_dict({k: v for k, v in connector.state_dict().items() if not k.startswith("token_position")})
+    features = torch.randn(1, 1, 128).expand(1, 12 * 12, 128)  # every patch the same: only the place differs
+    with torch.no_grad():
+        tokens = connector(features[:, :96], (8, 12), 2, (4, 6))
+        added = tokens - plain(features[:, :96], (8, 12), 2, (4, 6))
+        torch.testing.assert_close(added[0], connector.token_position(grid_position_embedding(4, 6, 128)))
+        assert (tokens[0, 0] - tokens[0, 1]).abs().max() > 1e-3
+        small, large = (connector(features[:, : h * h], (h, h), 2, (h // 2, h // 2))
+                        - plain(features[:, : h * h], (h, h), 2, (h // 2, h // 2)) for h in (4, 12))
+    # token (0, 0) of a 2 x 2 grid and token (1, 1) of a 6 x 6 grid both sit at (1/4, 1/4) of their image
+    torch.testing.assert_close(small[0, 0], large[0, 1 * 6 + 1])
+    assert connector.token_position is not None and plain.token_position is None
+    assert make_model(connector="perceiver", image_token_positions=True).connector.token_position is None
+
+
 def test_shared_cell_encoder_needs_factors_that_are_multiples_of_the_smallest():
     with pytest.raises(ValueError, match=r"multiple of the smallest.*\[2, 3\]"):
         tiny_config(shuffle_factors=(2, 3), shared_cell_encoder=True)
@@ -118,13 +204,16 @@ def test_shared_cell_encoder_needs_factors_that_are_multiples_of_the_smallest():
 
 
 def test_shared_cell_encoder_survives_save_and_load(tmp_path):
-    model = make_model(shuffle_factors=(1, 2, 4), shared_cell_encoder=True)
+    model = make_model(shuffle_factors=(1, 2, 4), shared_cell_encoder=True, cell_context_kernel=3,
+                       token_context_kernel=3, image_token_positions=True)
     ip = NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=6)
     batch = ip([random_image(128, 96), random_image(64, 64, 1)], return_tensors="pt")
     assert batch["image_shuffle_factor"].tolist() == [4, 2]
     model.save_pretrained(tmp_path)
     loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.shared_cell_encoder
+    assert loaded.config.shared_cell_encoder and loaded.config.cell_context_kernel == 3
+    assert loaded.config.token_context_kernel == 3
+    assert loaded.config.image_token_positions
     with torch.no_grad():
         torch.testing.assert_close(loaded.get_image_features(**batch), model.get_image_features(**batch))
 
@@ -132,9 +221,17 @@ def test_shared_cell_encoder_survives_save_and_load(tmp_path):
 # --- batching, text-only, generation -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shared_cell_encoder", [False, True])
-def test_image_features_do_not_depend_on_the_batch(processor, shared_cell_encoder):
-    model = make_model(shared_cell_encoder=shared_cell_encoder)
+CONNECTOR_SETTINGS = {  # the shuffle connector's variants
+    "independent projections": {},
+    "shared cell encoder": dict(shared_cell_encoder=True),
+    "context, positions": dict(shared_cell_encoder=True, cell_context_kernel=3, token_context_kernel=3,
+                               image_token_positions=True),
+}
+
+
+@pytest.mark.parametrize("settings", CONNECTOR_SETTINGS.values(), ids=CONNECTOR_SETTINGS.keys())
+def test_image_features_do_not_depend_on_the_batch(processor, settings):
+    model = make_model(**settings)
     images = [random_image(96, 160, 1), random_image(200, 64, 2), random_image(96, 160, 3), random_image(300, 300, 4)]
     ip = processor.image_processor
     with torch.no_grad():
@@ -182,12 +279,12 @@ def test_text_only_input_matches_the_bare_language_model(processor):
     assert torch.equal(ours, bare)
 
 
-@pytest.mark.parametrize("shared_cell_encoder", [False, True])
-def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor, shared_cell_encoder):
+@pytest.mark.parametrize("settings", CONNECTOR_SETTINGS.values(), ids=CONNECTOR_SETTINGS.keys())
+def test_every_parameter_gets_a_gradient_whatever_the_batch_uses(processor, settings):
     # FSDP / ZeRO reduce every gradient on every process: a shuffle factor absent from one process's batch, or the
     # tower in a text-only batch, must still get a (zero) gradient, and the loss must not change because of it.
     model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id,
-                       shared_cell_encoder=shared_cell_encoder).train()
+                       **settings).train()
     batches = {
         "factor 2 only": processor(text=["<image>which?"], images=[random_image(160, 160)], return_tensors="pt"),
         "text only": processor(text=["which digit?"], return_tensors="pt"),
