@@ -23,6 +23,22 @@ Or with a pipeline: `pipeline("image-text-to-text", model="{repo}", trust_remote
 """
 
 
+def _connector_summary(config) -> str:
+    """One line: the connector mode and the settings that shape its tokens."""
+    if config.connector != "shuffle":
+        return f"{config.connector}, {config.perceiver_latents} latents"
+    parts = [f"shuffle factors {list(config.shuffle_factors)}"]
+    if config.shared_cell_encoder:
+        parts.append("shared cell encoder")
+    if config.cell_context_kernel:
+        parts.append(f"cell context {config.cell_context_kernel}x{config.cell_context_kernel}")
+    if config.token_context_kernel:
+        parts.append(f"token context {config.token_context_kernel}x{config.token_context_kernel}")
+    if config.image_token_positions:
+        parts.append("2-D token positions")
+    return ", ".join(["shuffle", *parts])
+
+
 def _table(rows: dict) -> str:
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| `{key}` | {value} |" for key, value in rows.items()]
@@ -70,9 +86,7 @@ def render_model_card(config, repo: str, image_processor=None, metrics: dict | N
         {
             "vision tower": f"DINOv3 ViT, {vision.num_hidden_layers} layers x {vision.hidden_size}, "
             f"patch {vision.patch_size}",
-            "connector": config.connector
-            + (f", shuffle factors {list(config.shuffle_factors)}" if config.connector == "shuffle" else
-               f", {config.perceiver_latents} latents"),
+            "connector": _connector_summary(config),
             "language model": f"{text.model_type}, {text.num_hidden_layers} layers x {text.hidden_size}, "
             f"vocab {text.vocab_size}",
             "image token id": config.image_token_id,

@@ -298,6 +298,22 @@ def test_model_card_renders_the_budget_table():
     assert lines[2] == "| 144 | 92.5 % | 99.0 % | 88.0 |" and lines[3] == "| 64 | 90.0 % | 100.0 % | 40.5 |"
 
 
+def test_model_card_names_the_connectors_settings():
+    from modeling_nanovlm import tiny_config
+    from modeling_nanovlm.model_card import render_model_card
+
+    def connector_row(**settings) -> str:
+        card = str(render_model_card(tiny_config(**settings), "me/model"))
+        return next(line for line in card.splitlines() if line.startswith("| `connector` |"))
+
+    assert connector_row(shuffle_factors=[2, 4], shared_cell_encoder=True, cell_context_kernel=3,
+                         token_context_kernel=5, image_token_positions=True) == (
+        "| `connector` | shuffle, shuffle factors [2, 4], shared cell encoder, cell context 3x3, token context 5x5, "
+        "2-D token positions |")
+    assert connector_row(shuffle_factors=[1, 2]) == "| `connector` | shuffle, shuffle factors [1, 2] |"
+    assert connector_row(connector="perceiver", perceiver_latents=16) == "| `connector` | perceiver, 16 latents |"
+
+
 # --- the Perceiver connector sees where each patch is -------------------------------------------------------
 
 
