@@ -122,6 +122,11 @@ def on_grid(grid_op, tokens: torch.Tensor, grid_hw: tuple[int, int], *args) -> t
     return grid_op(grid, *args).flatten(2).transpose(1, 2)
 
 
+def context_convolution(dim: int, kernel: int) -> nn.Conv2d | None:
+    """A kernel x kernel convolution that keeps its grid's size (odd kernel, zero padding); None for kernel 0."""
+    return nn.Conv2d(dim, dim, kernel, padding=kernel // 2) if kernel else None
+
+
 def tower_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
     """(Gh, Gw) of what the vision tower is given: patches (B, Gh, Gw, 3, p, p) or an image (B, 3, H, W)."""
     if pixel_values.dim() == 6:
@@ -230,8 +235,10 @@ class NanoVLMConnector(nn.Module):
     """Patch features of one image shape -> LM-width image tokens, as the plan says.
 
     shuffle: (optional average pooling of the patch grid) -> pixel shuffle by s -> projection for s
-        (with `shared_cell_encoder`: shuffle by the smallest factor -> shared cell encoder -> shuffle the encoded
-        cells by s / smallest -> factor s's merge layer).
+        (with `shared_cell_encoder`: shuffle by the smallest factor -> shared cell encoder -> (+ cell context) ->
+        shuffle the encoded cells by s / smallest -> factor s's merge layer) -> (+ token context) (+ token
+        positions); each "+" step is added to what it follows, when the config sets `cell_context_kernel`,
+        `token_context_kernel` or `image_token_positions`.
     perceiver: projection -> Idefics2 Perceiver resampler (a fixed number of latents per image).
     """
 
@@ -255,9 +262,7 @@ class NanoVLMConnector(nn.Module):
             )
             # A convolution over the grid of encoded cells, added to each cell: a cell (and every token merged from
             # it) also carries its neighbourhood, so what token borders cut stays readable at the larger factors.
-            kernel = config.cell_context_kernel
-            if kernel:
-                self.cell_context = nn.Conv2d(text_dim, text_dim, kernel, padding=kernel // 2)
+            self.cell_context = context_convolution(text_dim, config.cell_context_kernel)
         elif self.mode == "shuffle":
             self.projections = nn.ModuleDict(
                 {str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors}
@@ -284,10 +289,8 @@ class NanoVLMConnector(nn.Module):
             nn.init.normal_(self.perceiver.latents, std=config.text_config.initializer_range)
         self.token_context = self.token_position = None
         if self.mode == "shuffle":
-            # The same idea one level up: each token also carries its neighbouring tokens.
-            kernel = config.token_context_kernel
-            if kernel:
-                self.token_context = nn.Conv2d(text_dim, text_dim, kernel, padding=kernel // 2)
+            # The same one level up: each token also carries its neighbouring tokens.
+            self.token_context = context_convolution(text_dim, config.token_context_kernel)
             # The LM's positions are 1-D: a token's row and column depend on the token grid's width, which changes
             # with every image. A learned map of each token's 2-D place (relative to the image) is added to it.
             if config.image_token_positions:

@@ -11,12 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from fresh_process import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
 from PIL import Image
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMTrainer
 from processing import ImageInputError
-
-from test_processor import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 

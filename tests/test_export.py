@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from fresh_process import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -23,31 +24,26 @@ from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, Nan
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 
-# Makes `modeling_nanovlm` and `processing` unimportable, as on a machine that only has the saved folder.
-BLOCK_REPO = "import sys; sys.modules['modeling_nanovlm'] = None; sys.modules['processing'] = None\n"
-
 
 def run_fresh(script: str, cwd) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", BLOCK_REPO + textwrap.dedent(script)],
+        [sys.executable, "-c", BLOCK_REPOSITORY + textwrap.dedent(script)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny model + processor saved as a Hub-ready folder, with reference logits for one input."""
-    folder = tmp_path_factory.mktemp("export") / "nanovlm"
+def save_with_reference(folder, **config_overrides):
+    """A tiny model + processor saved as a Hub-ready folder, with reference logits for one input next to it."""
     tokenizer = build_tokenizer(["Which digit is shown and where? 7 top-left"] * 20)
-    processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=48), tokenizer)
+    config = tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         **config_overrides)
+    processor = NanoVLMProcessor(NanoVLMImageProcessor.from_model_config(config, max_image_tokens=48), tokenizer)
     torch.manual_seed(0)
-    model = NanoVLMForConditionalGeneration(
-        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
-    ).eval()
+    model = NanoVLMForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     image = np.random.default_rng(0).integers(0, 256, (90, 170, 3), dtype=np.uint8)
@@ -57,6 +53,19 @@ def saved(tmp_path_factory):
         logits = model(**batch).logits
     torch.save({"batch": dict(batch), "logits": logits}, folder.parent / "reference.pt")
     return folder
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_with_reference(tmp_path_factory.mktemp("export") / "nanovlm")
+
+
+@pytest.fixture(scope="module")
+def saved_with_connector_options(tmp_path_factory):
+    """The main job's connector: shared cell encoder, both context convolutions, token positions."""
+    return save_with_reference(tmp_path_factory.mktemp("export_options") / "nanovlm", shuffle_factors=[2, 4],
+                               shared_cell_encoder=True, cell_context_kernel=3, token_context_kernel=3,
+                               image_token_positions=True)
 
 
 def test_saved_folder_is_hub_ready(saved):
@@ -71,7 +80,9 @@ def test_saved_folder_is_hub_ready(saved):
     assert processor_config["image_processor"]["max_image_tokens"] == 48
 
 
-def test_fresh_process_auto_classes_give_identical_logits(saved):
+@pytest.mark.parametrize("folder", ["saved", "saved_with_connector_options"])
+def test_fresh_process_auto_classes_give_identical_logits(folder, request):
+    saved = request.getfixturevalue(folder)
     out = run_fresh(
         f"""
         import torch

@@ -7,11 +7,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fresh_process import BLOCK_REPOSITORY  # noqa: E402
+
 from hub_server import HubServer, run_client  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A stranger's machine: our packages are not importable, only the Hub folder's remote code is.
-BLOCK_REPO = "import sys; sys.modules['modeling_nanovlm'] = None; sys.modules['processing'] = None\n"
 
 PUSH = """
 import numpy as np, torch
@@ -69,7 +69,7 @@ def test_push_uploads_what_a_stranger_needs_and_loads_back_identically(hub, tmp_
     assert any("lfs" in path for _, path, _ in hub.requests), "weights should travel as an LFS object"
 
     out = run_client(
-        BLOCK_REPO
+        BLOCK_REPOSITORY
         + f"""
 import torch
 from PIL import Image
@@ -99,7 +99,7 @@ def test_loading_without_trust_remote_code_says_so(hub, tmp_path):
     repo = "user/nanovlm-trust"
     push(hub, tmp_path, repo)
     out = run_client(
-        BLOCK_REPO
+        BLOCK_REPOSITORY
         + f"""
 from transformers import AutoModelForImageTextToText
 try:
@@ -122,7 +122,7 @@ from huggingface_hub import HfApi, hf_hub_download
 path = hf_hub_download("{repo}", "model.safetensors")
 data = open(path, "rb").read()
 HfApi().upload_file(path_or_fileobj=data[: len(data) // 2], path_in_repo="model.safetensors", repo_id="{repo}")
-""" + BLOCK_REPO + f"""
+""" + BLOCK_REPOSITORY + f"""
 from transformers import AutoModelForImageTextToText
 try:
     AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True, force_download=True)
@@ -140,7 +140,7 @@ def test_processor_and_model_with_different_factors_fail_at_first_use(hub, tmp_p
     repo = "user/nanovlm-mismatch"
     push(hub, tmp_path, repo, budget=2, factors=(1, 2, 4, 8), reference_forward=False)  # the model only has 1, 2, 4
     out = run_client(
-        BLOCK_REPO
+        BLOCK_REPOSITORY
         + f"""
 import numpy as np
 from transformers import AutoModelForImageTextToText, AutoProcessor

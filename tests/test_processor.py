@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from fresh_process import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
 from PIL import Image
 
 from modeling_nanovlm import pixel_shuffle, pixel_unshuffle
@@ -82,20 +83,6 @@ def test_config_round_trip(tokenizer, tmp_path):
     for key in before:
         assert torch.equal(before[key], after[key]), key
 
-
-# Prepended to scripts run in a fresh process: this repository must not be importable there, as for a Hub user.
-BLOCK_REPOSITORY = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockRepository(importlib.abc.MetaPathFinder):  # even an editable install must not help
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("processing", "modeling_nanovlm"):
-                raise ImportError(f"{name} must not be importable here")
-
-    sys.meta_path.insert(0, BlockRepository())
-    """
-)
 
 REMOTE_SCRIPT = BLOCK_REPOSITORY + textwrap.dedent(
     """
