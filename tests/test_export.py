@@ -80,8 +80,10 @@ def test_saved_folder_is_hub_ready(saved):
     assert processor_config["image_processor"]["max_image_tokens"] == 48
 
 
-@pytest.mark.parametrize("folder", ["saved", "saved_with_connector_options"])
-def test_fresh_process_auto_classes_give_identical_logits(folder, request):
+# The context convolutions run through oneDNN, whose choice of algorithm may differ between processes (thread
+# count, first call): their logits agree to float rounding, the rest bit for bit.
+@pytest.mark.parametrize("folder, tolerance", [("saved", 0.0), ("saved_with_connector_options", 1e-5)])
+def test_fresh_process_auto_classes_give_identical_logits(folder, tolerance, request):
     saved = request.getfixturevalue(folder)
     out = run_fresh(
         f"""
@@ -100,7 +102,8 @@ def test_fresh_process_auto_classes_give_identical_logits(folder, request):
             logits = model(**reference["batch"]).logits
             headless = model.lm_head(base(**reference["batch"]).last_hidden_state)  # the head-less model's states
         for found in (logits, headless):
-            assert torch.equal(found, reference["logits"]), (found - reference["logits"]).abs().max()
+            difference = (found - reference["logits"]).abs().max().item()
+            assert difference <= {tolerance}, difference
         print("identical")
         """,
         cwd=saved.parent,
