@@ -92,7 +92,8 @@ class NanoVLMConfig(PreTrainedConfig):
             )
         for name in ("cell_context_kernel", "token_context_kernel"):
             kernel = getattr(self, name)
-            if int(kernel) != kernel or kernel < 0 or (kernel and kernel % 2 == 0):
+            odd_side = isinstance(kernel, (int, float)) and int(kernel) == kernel and kernel > 0 and kernel % 2 == 1
+            if kernel != 0 and not odd_side:
                 raise ValueError(
                     f"{name} must be 0 (none) or an odd kernel side (the convolution keeps its grid's size), "
                     f"got {kernel!r}"

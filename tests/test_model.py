@@ -168,6 +168,7 @@ def test_context_kernels_widen_what_a_token_sees_by_their_radius(cell_kernel, to
     (dict(shared_cell_encoder=True, cell_context_kernel=2), r"cell_context_kernel must be 0 \(none\) or an odd.*got 2"),
     (dict(token_context_kernel=-3), r"token_context_kernel must be 0 \(none\) or an odd.*got -3"),
     (dict(token_context_kernel=2.5), r"token_context_kernel .* got 2.5"),
+    (dict(token_context_kernel=None), r"token_context_kernel .* got None"),
     (dict(cell_context_kernel=3), r"cell_context_kernel needs shared_cell_encoder=True"),
 ])
 def test_context_kernels_must_be_odd_and_the_cell_context_needs_the_shared_cell_encoder(settings, message):
