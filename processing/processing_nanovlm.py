@@ -119,14 +119,27 @@ class NanoVLMProcessor(ProcessorMixin):
         self.image_processor.check_model_config(config)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NanoVLMProcessor":
+        """Load the image processor as this module's own class, then the rest as transformers does.
+
+        Through AutoImageProcessor (transformers' default) the auto_map written for Hub export counts as remote code:
+        a local `from_pretrained` would demand `trust_remote_code`, and remote loading would pair the processor with
+        a second copy of the module. A sub-processor passed in is used as it is (transformers >= 5.25 takes it from
+        `kwargs`; `_get_arguments_from_pretrained` hands it on for 5.23-5.24).
+        """
+        if kwargs.get("image_processor") is None:
+            image_processor_kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
+            kwargs["image_processor"] = NanoVLMImageProcessor.from_pretrained(
+                pretrained_model_name_or_path, **image_processor_kwargs
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load the image processor as this module's own class. Through AutoImageProcessor (the default) the
-        auto_map written for Hub export counts as remote code, so a local `from_pretrained` would demand
-        `trust_remote_code`, and remote loading would pair the processor with a second copy of the module.
-        The tokenizer keeps every argument, `trust_remote_code` included: its AutoConfig lookup reads our
-        config.json, whose auto_map would otherwise make it ask "Do you wish to run the custom code? [y/N]"."""
-        image_processor_kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
-        image_processor = NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs)
+        """transformers 5.23-5.24's hook: the image processor `from_pretrained` loaded, and the tokenizer with every
+        argument, `trust_remote_code` included (its AutoConfig lookup reads our config.json, whose auto_map would
+        otherwise make it ask "Do you wish to run the custom code? [y/N]")."""
+        image_processor = kwargs.pop("image_processor")
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
