@@ -70,7 +70,7 @@ def measure(setting: dict) -> dict:
     device = torch.device(setting["device"])
     model = NanoVLMForConditionalGeneration(tiny_config(vision=dict(setting["tower"]))).to(device)
     if setting["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.text_config.use_cache = False
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

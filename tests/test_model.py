@@ -441,16 +441,16 @@ def test_rope_augmentation_is_off_by_default_and_can_be_turned_on():
     assert torch.equal(rope(pixels)[0], rope(pixels)[0])
 
 
-# --- precision and gradient checkpointing -----------------------------------------------------------
+# --- precision and activation checkpointing --------------------------------------------------------
 
 
 def train_step(model, batch, labels, autocast=False, checkpointing=False):
     model.train()
     model.zero_grad()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(**batch, labels=labels).loss
     loss.backward()
@@ -458,9 +458,10 @@ def train_step(model, batch, labels, autocast=False, checkpointing=False):
     return loss.detach(), grads
 
 
-def test_gradient_checkpointing_reaches_tower_and_lm(processor):
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_activation_checkpointing_reaches_tower_and_lm(processor):
     model = make_model()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     flags = {
         name.split(".")[1]  # model.<part>...
         for name, module in model.named_modules()
@@ -469,6 +470,7 @@ def test_gradient_checkpointing_reaches_tower_and_lm(processor):
     assert {"vision_tower", "language_model"} <= flags
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")
 @pytest.mark.parametrize("long_side", [1024, 2048])
 def test_bf16_autocast_checkpointed_step_matches_fp32(processor, long_side):
     """A long-side-1024/2048 image (2048 x 512 etc.): finite loss, gradients close to the fp32 plain step."""
@@ -507,7 +509,7 @@ def test_bf16_autocast_checkpointed_step_on_cuda(processor, long_side):
     ref.backward()
     ref_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**batch, labels=labels).loss
     loss.backward()
