@@ -1,7 +1,14 @@
 """Configuration of nanoVLM: a DINOv3 vision tower, a connector, and a Llama-family language model."""
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.utils.versions import require_version
+
+# Hub users run this file as remote code under whatever transformers they have: name the release it needs before an
+# import or attribute that an older one lacks fails obscurely. setup.cfg states the same range (tests/test_versions.py).
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+require_version(TRANSFORMERS_REQUIREMENT, f"nanoVLM's model code needs it: pip install '{TRANSFORMERS_REQUIREMENT}'")
+
+from transformers import AutoConfig, PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 
 CONNECTOR_MODES = ("shuffle", "perceiver")
 

@@ -15,9 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.utils import is_torch_available
+from transformers.utils.versions import require_version
+
+# Remote code runs under the Hub user's transformers: name the release it needs (the model's
+# configuration_nanovlm.py and setup.cfg state the same range; tests/test_versions.py holds them equal).
+TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+require_version(TRANSFORMERS_REQUIREMENT, f"nanoVLM's processor needs it: pip install '{TRANSFORMERS_REQUIREMENT}'")
+
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature  # noqa: E402
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling  # noqa: E402
+from transformers.utils import is_torch_available  # noqa: E402
 
 if is_torch_available():
     import torch
