@@ -4,7 +4,7 @@ from transformers.utils.versions import require_version
 
 # Hub users run this file as remote code under whatever transformers they have: name the release it needs before an
 # import or attribute that an older one lacks fails obscurely. setup.cfg states the same range (tests/test_versions.py).
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+TRANSFORMERS_REQUIREMENT = "transformers>=5.24,<6"
 require_version(TRANSFORMERS_REQUIREMENT, f"nanoVLM's model code needs it: pip install '{TRANSFORMERS_REQUIREMENT}'")
 
 from transformers import AutoConfig, PreTrainedConfig  # noqa: E402

@@ -19,7 +19,7 @@ from transformers.utils.versions import require_version
 
 # Remote code runs under the Hub user's transformers: name the release it needs (the model's
 # configuration_nanovlm.py and setup.cfg state the same range; tests/test_versions.py holds them equal).
-TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<6"
+TRANSFORMERS_REQUIREMENT = "transformers>=5.24,<6"
 require_version(TRANSFORMERS_REQUIREMENT, f"nanoVLM's processor needs it: pip install '{TRANSFORMERS_REQUIREMENT}'")
 
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature  # noqa: E402

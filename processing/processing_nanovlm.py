@@ -125,7 +125,7 @@ class NanoVLMProcessor(ProcessorMixin):
         Through AutoImageProcessor (transformers' default) the auto_map written for Hub export counts as remote code:
         a local `from_pretrained` would demand `trust_remote_code`, and remote loading would pair the processor with
         a second copy of the module. A sub-processor passed in is used as it is (transformers >= 5.25 takes it from
-        `kwargs`; `_get_arguments_from_pretrained` hands it on for 5.23-5.24).
+        `kwargs`; `_get_arguments_from_pretrained` hands it on for 5.24).
         """
         if kwargs.get("image_processor") is None:
             image_processor_kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
@@ -136,7 +136,7 @@ class NanoVLMProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """transformers 5.23-5.24's hook: the image processor `from_pretrained` loaded, and the tokenizer with every
+        """transformers 5.24's hook: the image processor `from_pretrained` loaded, and the tokenizer with every
         argument, `trust_remote_code` included (its AutoConfig lookup reads our config.json, whose auto_map would
         otherwise make it ask "Do you wish to run the custom code? [y/N]")."""
         image_processor = kwargs.pop("image_processor")
