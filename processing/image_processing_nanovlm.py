@@ -790,7 +790,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         except ValueError as error:
             if settings.get("max_image_tokens_per_sample") is None:
                 raise
-            raise ValueError(f"sample {sample} ({len(sizes)} images): {error}") from error
+            images = f"{len(sizes)} image" + ("s" if len(sizes) != 1 else "")
+            raise ValueError(f"sample {sample} ({images}): {error}") from error
 
     def __call__(self, images, return_tensors=None, **overrides) -> BatchFeature:
         """Same as `preprocess`."""
