@@ -296,3 +296,27 @@ def test_sample_budget_is_saved_and_loaded(tmp_path):
     assert sum(loaded.num_image_tokens_per_sample(sizes)) <= 288
     # a per-call override wins over the saved one
     assert sum(loaded.num_image_tokens_per_sample(sizes, max_image_tokens_per_sample=64)) <= 64
+
+
+def test_visualize_plan_draws_a_prompts_images_with_their_shares(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "visualize_plan.py"
+    spec = importlib.util.spec_from_file_location("visualize_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sources = []
+    for index, (h, w) in enumerate([(200, 300), (64, 64), (300, 150)]):
+        sources.append(tmp_path / f"image{index}.png")
+        Image.fromarray(random_images([(h, w)], index)[0]).save(sources[-1])
+    out = tmp_path / "sample.png"
+    plans = module.main([*map(str, sources), "--max_image_tokens", "64", "--max_image_tokens_per_sample", "60",
+                         "--out", str(out)])
+    assert tokens(plans) == NanoVLMImageProcessor(max_image_tokens=64).num_image_tokens_per_sample(
+        [(200, 300), (64, 64), (300, 150)], max_image_tokens_per_sample=60)
+    assert sum(tokens(plans)) <= 60
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width > 300
