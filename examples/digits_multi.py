@@ -1,6 +1,6 @@
 """The multi-image variant of the built-in task: 2-4 digits, one per image, in one prompt, under one token budget.
 
-    python examples/digits_multi.py --max_steps 1200 --threads 1 --output_dir outputs/digits_multi
+    python examples/digits_multi.py --max_steps 1000 --threads 1 --output_dir outputs/digits_multi
 
 Each sample shows 2-4 of the held-in digits, each on its own small canvas of random size and aspect ratio
 (`sample_layout`, `render` from digits.py), and asks "Which digits are shown, in order?"; the answer is the digits
@@ -86,7 +86,7 @@ class MultiDigitsTask:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/digits_multi")
-    parser.add_argument("--max_steps", type=int, default=1200)
+    parser.add_argument("--max_steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_budgets", type=int, nargs="+", default=[288, 144, 64, 32])
