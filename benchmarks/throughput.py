@@ -573,9 +573,13 @@ def _timed_image_processor(totals: dict, **settings):
     from processing import NanoVLMImageProcessor
 
     class TimedImageProcessor(NanoVLMImageProcessor):
-        def _decoded(self, raw, overrides):
+        def _opened(self, raw):  # decodes images whose format cannot be decoded at reduced scale
             with _Timer(totals, "decode"):
-                return super()._decoded(raw, overrides)
+                return super()._opened(raw)
+
+        def _decoded(self, opened, plan):
+            with _Timer(totals, "decode"):
+                return super()._decoded(opened, plan)
 
         def preprocess(self, images, return_tensors=None, **overrides):
             with _Timer(totals, "image_processor"):

@@ -155,9 +155,10 @@ def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full
     return schedule
 
 
-def build_digits_model(recipe: dict, seed: int):
-    """Offline tokenizer, a tiny model, and the processor built from the model's config (one source of settings)."""
-    tokenizer = build_tokenizer(tokenizer_corpus())
+def build_digits_model(recipe: dict, seed: int, corpus: list[str] | None = None):
+    """Offline tokenizer (on `corpus`, by default the task's texts), a tiny model, and the processor built from the
+    model's config (one source of settings)."""
+    tokenizer = build_tokenizer(corpus or tokenizer_corpus())
     connector_settings = {name: recipe[name] for name in (
         "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
         "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries", "cell_context_kernel",

@@ -37,6 +37,8 @@ class NanoVLMTrainer(Trainer):
       - `image_token_budgets=[144, 64, 36, 16]` trains one model for a range of budgets: every batch draws its
         `max_image_tokens` from the list (see `BucketBatchSampler`'s `budgets`); the train dataset is wrapped in
         `PlannedRows`, so each row carries `"__index__"` and its batch's `"__plan__"` to the collator;
+        `image_token_budgets_per_sample=[288, 144, 64]` draws `max_image_tokens_per_sample` instead, a budget
+        shared by the images of each sample (give one or the other);
       - `remove_unused_columns` is turned off: the image and chat columns are what the collator reads;
       - the data collator defaults to `NanoVLMCollator(processing_class)` when a processor is given;
       - a processor whose plans the model would refuse is an error here, before any data is read
@@ -67,8 +69,17 @@ class NanoVLMTrainer(Trainer):
         stream_buffer_size: int = 1024,
         auto_workers: bool = True,
         image_token_budgets: list[int] | None = None,
+        image_token_budgets_per_sample: list[int] | None = None,
         **kwargs,
     ):
+        if image_token_budgets is not None and image_token_budgets_per_sample is not None:
+            raise ValueError(
+                "give image_token_budgets (per image) or image_token_budgets_per_sample (shared by a sample's "
+                "images), not both: a batch draws one budget"
+            )
+        budget_setting = "max_image_tokens" if image_token_budgets_per_sample is None else "max_image_tokens_per_sample"
+        if image_token_budgets is None:
+            image_token_budgets = image_token_budgets_per_sample
         if batch_sampler is not None and image_token_budgets is not None:
             raise ValueError(
                 "image_token_budgets configures the batch sampler NanoVLMTrainer builds; with your own batch_sampler "
@@ -97,7 +108,8 @@ class NanoVLMTrainer(Trainer):
         self.train_stream = None  # the StreamingBucketBatches, when the train dataset is streamed
         self._stream_resume_batches = 0
         self.auto_workers = auto_workers
-        self.image_token_budgets = image_token_budgets
+        self.image_token_budgets = image_token_budgets  # the drawn values, of `budget_setting`
+        self.budget_setting = budget_setting
         self.add_callback(_SamplerEpochCallback(self))
 
     def build_train_batch_sampler(self) -> BucketBatchSampler:
@@ -121,6 +133,7 @@ class NanoVLMTrainer(Trainer):
             shuffle=self.args.train_sampling_strategy != "sequential",
             plan_overrides=collator.plan_overrides,
             budgets=self.image_token_budgets,
+            budget_setting=self.budget_setting,
         )
 
     def get_train_dataloader(self) -> DataLoader:

@@ -16,6 +16,7 @@ from .image_processing_nanovlm import (
     image_size,
     load_image,
     plan_image,
+    plan_images,
 )
 from .processing_nanovlm import CHAT_TEMPLATE, IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
 
@@ -26,6 +27,7 @@ __all__ = [
     "ImageInputError",
     "ImageTextMismatchError",
     "plan_image",
+    "plan_images",
     "load_image",
     "image_size",
     "CHAT_TEMPLATE",

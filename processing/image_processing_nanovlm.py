@@ -49,6 +49,24 @@ class ImageInputError(ValueError):
         self.image_index = image_index
 
 
+@dataclass
+class _OpenedImage:
+    """One input image between reading its size and resizing it: opened (a JPEG that may still be decoded at
+    reduced scale) or decoded already, with its stored size and EXIF orientation."""
+
+    image: Image.Image
+    opened_here: bool
+    decoded: bool
+    stored_size: tuple[int, int]  # (width, height) as stored, before any reduced decode
+    orientation: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) upright: what the plan is computed from."""
+        width, height = self.stored_size
+        return (width, height) if self.orientation in (5, 6, 7, 8) else (height, width)
+
+
 @dataclass(frozen=True)
 class ImagePlan:
     """What the processor does to one image, and how many LM tokens it becomes.
@@ -191,6 +209,88 @@ def plan_image(
             return ImagePlan(resized_h, resized_w, grid_h, grid_w, s, grid_h // s, grid_w // s)
     token_h, token_w = _pooled_grid(grid_h // s, grid_w // s, max_image_tokens)
     return ImagePlan(resized_h, resized_w, grid_h, grid_w, s, token_h, token_w)
+
+
+def check_sample_budget(budget, num_images: int) -> int:
+    """`max_image_tokens_per_sample` as an int; a `ValueError` for one that is not a positive integer or that cannot
+    give each of `num_images` images one token."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise ValueError(f"max_image_tokens_per_sample must be a positive integer (or None), got {budget!r}")
+    if budget < 1:
+        raise ValueError(f"max_image_tokens_per_sample must be >= 1, got {budget}")
+    if budget < num_images:
+        raise ValueError(
+            f"max_image_tokens_per_sample={budget} cannot give each of its {num_images} images one token; "
+            f"raise it to at least {num_images} or send fewer images"
+        )
+    return int(budget)
+
+
+def plan_images(
+    sizes,
+    *,
+    max_image_tokens_per_sample: int | None = None,
+    max_image_tokens: int = 1024,
+    **settings,
+) -> list[ImagePlan]:
+    """The plans of one sample's images, from their (height, width) list: one token budget shared by all of them.
+
+    Without `max_image_tokens_per_sample` every image is planned alone (`plan_image`). With it, the images share it
+    by water-filling over per-image caps: every image gets the same cap c (at most `max_image_tokens`), the largest
+    whose plans sum to at most the budget, so an image that needs fewer tokens than c leaves the rest to the others.
+    What is still left then goes to the first images in order, one cap step each while the sum fits: caps
+    (c + 1, ..., c + 1, c, ..., c). Both steps are one binary search over the position k in the sequence of cap
+    vectors cap_i(k) = k // n + (i < k % n), along which every cap, and so (plans being monotone in the cap)
+    every image's tokens, only grows: a larger budget never gives an image fewer tokens. Pure, deterministic, no
+    pixels. `settings` are `plan_image`'s.
+    """
+    sizes = [tuple(size) for size in sizes]
+    cache = {}
+
+    def plan(index: int, cap: int) -> ImagePlan:  # equal sizes are planned once
+        key = (sizes[index], cap)
+        if key not in cache:
+            cache[key] = plan_image(*sizes[index], max_image_tokens=cap, **settings)
+        return cache[key]
+
+    full = [plan(index, max_image_tokens) for index in range(len(sizes))]
+    if max_image_tokens_per_sample is None:
+        return full
+    budget = check_sample_budget(max_image_tokens_per_sample, len(sizes))
+    total = sum(p.num_tokens for p in full)
+    if total <= budget:
+        return full
+    if settings.get("connector", "shuffle") == "perceiver":  # a fixed count per image: no cap lowers it
+        raise ValueError(
+            f"the Perceiver connector gives {full[0].num_tokens} tokens per image, so {len(sizes)} images need "
+            f"{total}, more than max_image_tokens_per_sample={budget}"
+        )
+    n = len(sizes)
+
+    def caps(k: int) -> list[int]:
+        return [k // n + (i < k % n) for i in range(n)]
+
+    def fits(k: int) -> bool:
+        return sum(plan(i, cap).num_tokens for i, cap in enumerate(caps(k))) <= budget
+
+    low, high = n, n * max_image_tokens  # every cap 1 (one token each, fits: budget >= n) / every cap the maximum
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return [plan(i, cap) for i, cap in enumerate(caps(low))]
+
+
+def _images_per_sample(images) -> list[list]:
+    """Images as one list per sample: one list per sample as given, or each image of a flat list (or one image
+    alone) as its own sample."""
+    if not isinstance(images, (list, tuple)):
+        return [[images]]
+    nested = [isinstance(group, (list, tuple)) for group in images]
+    if any(nested) and not all(nested):
+        raise ImageInputError(
+            "images mixes lists and single images: give a flat list of images, or one list of images per sample"
+        )
+    return [list(group) for group in images] if images and all(nested) else [[image] for image in images]
 
 
 def _model_settings(config) -> dict:
@@ -422,6 +522,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
 
     Every plan field can be overridden per call: `processor(images, max_image_tokens=256)`. With
     `snap_sizes` (and `snap_aspect_ratios`) images snap to a few exact shapes, one per bucket (see `plan_image`).
+    With `max_image_tokens_per_sample` the images of one sample share that many tokens (`plan_images`): give
+    `images` as one list per sample; a flat list is planned image by image, each its own sample.
 
     `pixel_dtype` chooses how pixels travel to the model:
         "float32" (default)  normalised with `image_mean` / `image_std` here;
@@ -438,6 +540,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
     plan_fields = (
         "patch_size",
         "max_image_tokens",
+        "max_image_tokens_per_sample",
         "max_image_size",
         "shuffle_factors",
         "connector",
@@ -455,6 +558,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         connector: str = "shuffle",
         perceiver_latents: int = 64,
         snap_sizes: list[int] | None = None,
+        max_image_tokens_per_sample: int | None = None,
         snap_aspect_ratios: list[float] | None = None,
         image_mean: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         image_std: list[float] | tuple[float, ...] = IMAGENET_DEFAULT_STD,
@@ -467,6 +571,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         self.patch_size = patch_size
         self.max_image_tokens = max_image_tokens
+        self.max_image_tokens_per_sample = max_image_tokens_per_sample
         self.max_image_size = max_image_size
         self.shuffle_factors = list(shuffle_factors)
         self.connector = connector
@@ -547,8 +652,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
                 "NanoVLMImageProcessor.from_model_config(model.config, max_image_tokens=...)"
             )
 
-    def plan(self, height: int, width: int, **overrides) -> ImagePlan:
-        """The plan for an image of `height` x `width`; keyword overrides replace config fields for this call."""
+    def plan_settings(self, **overrides) -> dict:
+        """The plan fields of this processor with `overrides` (None values ignored) replacing them for one call."""
         unknown = set(overrides) - set(self.plan_fields)
         if unknown:
             raise TypeError(f"unknown plan setting(s) {sorted(unknown)}; valid: {list(self.plan_fields)}")
@@ -557,40 +662,62 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         settings["shuffle_factors"] = tuple(settings["shuffle_factors"])
         for name in ("snap_sizes", "snap_aspect_ratios"):
             settings[name] = tuple(settings[name]) if settings[name] else None
-        return plan_image(int(height), int(width), **settings)
+        return settings
+
+    def plan(self, height: int, width: int, **overrides) -> ImagePlan:
+        """The plan for an image of `height` x `width`, as a sample of its own (a per-sample budget then caps it
+        alone); keyword overrides replace config fields for this call. Plan the images of a sample together with
+        `plan_sample`."""
+        return self.plan_sample([(height, width)], **overrides)[0]
+
+    def plan_sample(self, sizes, **overrides) -> list[ImagePlan]:
+        """The plans of one sample's images from their (height, width) list: they share `max_image_tokens_per_sample`
+        when it is set (see `plan_images`). Exact, deterministic, no pixels."""
+        sizes = [(int(height), int(width)) for height, width in sizes]
+        return plan_images(sizes, **self.plan_settings(**overrides))
 
     def num_image_tokens(self, height: int, width: int, **overrides) -> int:
         """Exact number of image tokens for an image of `height` x `width` (no pixels needed)."""
         return self.plan(height, width, **overrides).num_tokens
 
-    def _decoded(self, raw, overrides: dict) -> tuple[Image.Image, ImagePlan]:
-        """One input image decoded, turned upright (EXIF) and converted to RGB, with its plan.
+    def num_image_tokens_per_sample(self, sizes, **overrides) -> list[int]:
+        """Exact image tokens of each image of one sample (their (height, width) list), planned together."""
+        return [plan.num_tokens for plan in self.plan_sample(sizes, **overrides)]
 
-        The plan always comes from the full, EXIF-oriented size, also when the JPEG is decoded at reduced scale.
+    def _opened(self, raw) -> _OpenedImage:
+        """One input image opened, with its upright size: what planning needs before any pixel is resized.
+
+        A JPEG path or bytes stays undecoded (its orientation is in the header), so that `_decoded` may still decode
+        it at reduced scale once its plan is known; anything else is decoded here, as its orientation may need it.
         """
         opened, opened_here = _open_image(raw)
-        stored_width, stored_height = opened.size
-        _check_size(stored_width, stored_height)
+        stored_size = opened.size
+        _check_size(*stored_size)
         if opened_here and self.reduced_jpeg_decode and opened.format in ("JPEG", "MPO"):
-            turned = _header_orientation(opened) in (5, 6, 7, 8)
-            plan = self.plan(*((stored_width, stored_height) if turned else (stored_height, stored_width)), **overrides)
-            target = (plan.resized_height, plan.resized_width) if turned else (plan.resized_width, plan.resized_height)
-            scale = _exact_draft_scale((stored_width, stored_height), target)
-            if scale > 1:
-                opened.draft(None, (stored_width // scale, stored_height // scale))
+            return _OpenedImage(opened, opened_here, False, stored_size, _header_orientation(opened))
         decoded = _decode(opened, opened_here)
-        orientation = _orientation(decoded)
-        turned = orientation in (5, 6, 7, 8)
-        plan = self.plan(*((stored_width, stored_height) if turned else (stored_height, stored_width)), **overrides)
-        image = _to_rgb(decoded, tuple(self.background_color))
-        if orientation in _TRANSPOSE_FOR_ORIENTATION:
-            image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-        return image, plan
+        return _OpenedImage(decoded, opened_here, True, stored_size, _orientation(decoded))
 
-    def _resized(self, raw, overrides: dict) -> tuple[np.ndarray, ImagePlan]:
-        """One input image at its planned size: ((3, H, W) uint8 pixels, plan)."""
-        image, plan = self._decoded(raw, overrides)
-        return _resize_rgb(image, (plan.resized_height, plan.resized_width), self.resample), plan
+    def _decoded(self, opened: _OpenedImage, plan: ImagePlan) -> Image.Image:
+        """The image decoded (a JPEG at the smallest exact scale that keeps the planned size), turned upright (EXIF)
+        and converted to RGB."""
+        image = opened.image
+        if not opened.decoded:
+            turned = opened.orientation in (5, 6, 7, 8)
+            target = (plan.resized_height, plan.resized_width) if turned else (plan.resized_width, plan.resized_height)
+            scale = _exact_draft_scale(opened.stored_size, target)
+            if scale > 1:
+                width, height = opened.stored_size
+                image.draft(None, (width // scale, height // scale))
+            image = _decode(image, opened.opened_here)
+        image = _to_rgb(image, tuple(self.background_color))
+        if opened.orientation in _TRANSPOSE_FOR_ORIENTATION:
+            image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[opened.orientation])
+        return image
+
+    def _resized(self, opened: _OpenedImage, plan: ImagePlan) -> np.ndarray:
+        """One opened image at its planned size: (3, H, W) uint8 pixels."""
+        return _resize_rgb(self._decoded(opened, plan), (plan.resized_height, plan.resized_width), self.resample)
 
     def _patches(self, pixels: np.ndarray, plan: ImagePlan) -> np.ndarray:
         """(3, H, W) uint8 pixels to (patches, 3 * p * p) uint8: patches row-major, each one channel-first."""
@@ -616,23 +743,35 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         return out
 
     def preprocess(self, images, return_tensors=None, **overrides) -> BatchFeature:
-        """Plan, resize and patchify a list of images (or one image); normalise them unless `pixel_dtype="uint8"`."""
+        """Plan, resize and patchify images; normalise them unless `pixel_dtype="uint8"`.
+
+        `images`: one image, a flat list (each image its own sample), or one list per sample, whose images are
+        planned together (they share `max_image_tokens_per_sample`). Outputs are flat, image after image.
+        """
         if images is None:
             raise ImageInputError("no images given")
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if images and isinstance(images[0], (list, tuple)):
-            images = [image for sample in images for image in sample]
+        samples = _images_per_sample(images)
+        settings = self.plan_settings(**overrides)
         patch_chunks, grids, token_grids, factors = [], [], [], []
-        for index, raw in enumerate(images):
-            try:
-                pixels, plan = self._resized(raw, overrides)
-            except ImageInputError as error:
-                raise ImageInputError(f"image {index}: {error}", image_index=index) from error
-            patch_chunks.append(self._patches(pixels, plan))
-            grids.append((plan.grid_height, plan.grid_width))
-            token_grids.append((plan.token_height, plan.token_width))
-            factors.append(plan.shuffle_factor)
+        index = 0  # of the image in the whole call, as errors name it
+        for sample, group in enumerate(samples):
+            opened = []
+            for position, raw in enumerate(group):
+                try:
+                    opened.append(self._opened(raw))
+                except ImageInputError as error:
+                    raise ImageInputError(f"image {index + position}: {error}", image_index=index + position) from error
+            plans = self._sample_plans(sample, [image.size for image in opened], settings)
+            for image, plan in zip(opened, plans):
+                try:
+                    pixels = self._resized(image, plan)
+                except ImageInputError as error:
+                    raise ImageInputError(f"image {index}: {error}", image_index=index) from error
+                patch_chunks.append(self._patches(pixels, plan))
+                grids.append((plan.grid_height, plan.grid_width))
+                token_grids.append((plan.token_height, plan.token_width))
+                factors.append(plan.shuffle_factor)
+                index += 1
         if self.pixel_dtype == "uint8":
             if patch_chunks:
                 pixel_values = np.concatenate(patch_chunks)
@@ -647,6 +786,19 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             "image_shuffle_factor": np.asarray(factors, dtype=np.int64),
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _sample_plans(sample: int, sizes: list[tuple[int, int]], settings: dict) -> list[ImagePlan]:
+        """`plan_images`, its errors naming the sample when its images share a budget."""
+        try:
+            return plan_images(sizes, **settings)
+        except ImageInputError:
+            raise
+        except ValueError as error:
+            if settings.get("max_image_tokens_per_sample") is None:
+                raise
+            images = f"{len(sizes)} image" + ("s" if len(sizes) != 1 else "")
+            raise ValueError(f"sample {sample} ({images}): {error}") from error
 
     def __call__(self, images, return_tensors=None, **overrides) -> BatchFeature:
         """Same as `preprocess`."""
@@ -666,6 +818,8 @@ __all__ = [
     "ImagePlan",
     "ImageInputError",
     "plan_image",
+    "plan_images",
+    "check_sample_budget",
     "load_image",
     "image_size",
 ]

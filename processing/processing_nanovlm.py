@@ -40,6 +40,7 @@ class NanoVLMImagesKwargs(ImagesKwargs, total=False):
     """The image plan's fields, overridable per call (`processor(..., max_image_tokens=256)`)."""
 
     max_image_tokens: int | None
+    max_image_tokens_per_sample: int | None
     max_image_size: int | None
     shuffle_factors: list[int] | tuple[int, ...] | None
     connector: str | None
@@ -200,7 +201,8 @@ class NanoVLMProcessor(ProcessorMixin):
         """Tokenize `text` with each `<image>` expanded to its planned tokens, and process `images`.
 
         `text` is a string or a list of strings; `images` a flat list (in placeholder order) or one list
-        per sample. Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call.
+        per sample. Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call;
+        `max_image_tokens_per_sample` is one budget shared by the images of each sample (text).
         Padding is on the left by default, as generation wants; training collators pad on the right.
         `videos`, `audio` and `audios` exist so that generic clients may pass them as None.
         """
@@ -230,7 +232,7 @@ class NanoVLMProcessor(ProcessorMixin):
         image_inputs, replacement_offsets = {}, [[] for _ in text]
         if flat:
             try:
-                image_inputs, replacements = self._process_images(flat, **images_kwargs)
+                image_inputs, replacements = self._process_images(grouped, **images_kwargs)
             except ValueError as error:  # ImageInputError; remote code loads the image processor's own copy of it
                 if not hasattr(error, "image_index"):
                     raise
@@ -245,11 +247,13 @@ class NanoVLMProcessor(ProcessorMixin):
             data["text_replacement_offsets"] = replacement_offsets
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    def _process_images(self, images: list, **kwargs):
-        """transformers' hook without its `make_flat_list_of_images`: `images` is already flat here, and may hold
-        paths or encoded bytes, which that helper refuses."""
+    def _process_images(self, images: list[list], **kwargs):
+        """transformers' hook without its `make_flat_list_of_images`: `images` is one list per sample here (the
+        images of a sample are planned together: they share `max_image_tokens_per_sample`), and may hold paths or
+        encoded bytes, which that helper refuses."""
         image_inputs = self.image_processor(images, **kwargs)
-        return image_inputs, [self.replace_image_token(image_inputs, index) for index in range(len(images))]
+        count = sum(len(group) for group in images)
+        return image_inputs, [self.replace_image_token(image_inputs, index) for index in range(count)]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The text one `<image>` placeholder becomes: as many `<image>` tokens as the image's plan gives."""
@@ -257,7 +261,8 @@ class NanoVLMProcessor(ProcessorMixin):
         return IMAGE_TOKEN * (token_height * token_width)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
-        """Image tokens (and patches) per (height, width) in `image_sizes`, under this call's plan settings."""
+        """Image tokens (and patches) per (height, width) in `image_sizes`, under this call's plan settings; each
+        image is planned as a sample of its own (a per-sample budget caps it alone)."""
         if image_sizes is None:
             return MultiModalData()
         images_kwargs = self._merge_kwargs(NanoVLMProcessorKwargs, **kwargs)["images_kwargs"]

@@ -24,7 +24,12 @@ sample's image tokens never grow when the budget shrinks, so `max_tokens_per_bat
 and the number of batches, the sharding and resuming are unchanged. The exact length of every sample at every
 budget is known (`lengths_at`). The drawn budget travels with each index: the sampler then yields
 `PlannedIndex(index, plan)` keys, and `PlannedRows(dataset)` (processing/rows.py) turns a key into the row with
-`"__plan__": {"max_image_tokens": budget}`, which `NanoVLMCollator` passes to the processor call.
+`"__plan__": {"max_image_tokens": budget}`, which `NanoVLMCollator` passes to the processor call. With
+`budget_setting="max_image_tokens_per_sample"` the drawn budgets are per-sample budgets instead, shared by the images
+of each sample (see `plan_images`); a sample's tokens never grow when that budget shrinks either.
+
+A sample with several images is planned as one (`image_processor.plan_sample`): under a per-sample budget
+(`max_image_tokens_per_sample`, set on the processor, in `plan_overrides` or drawn) its images share it.
 
 Data whose image sizes change between epochs (new random layouts each epoch, as in the built-in digits task):
 `sampler.replan(image_sizes)`, or `sizes_for_epoch=` so that `set_epoch` re-plans by itself, plans the same samples
@@ -54,6 +59,8 @@ from torch.utils.data import Sampler
 
 from .image_processing_nanovlm import ImagePlan
 
+# The plan settings a sampler's budgets may draw (`budget_setting`).
+BUDGET_SETTINGS = ("max_image_tokens", "max_image_tokens_per_sample")
 # Resized long side, upper edges of the size buckets (anything larger falls in one more bucket).
 SIZE_BUCKETS = (512, 768, 1024, 1536)
 # Width / height, edges of the aspect-ratio ranges: tall, portrait, square-ish, landscape, wide.
@@ -147,6 +154,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             sampler then yields `PlannedIndex(index, {"max_image_tokens": budget})` keys: wrap the dataset in
             `PlannedRows` so rows carry the budget to the collator (`NanoVLMTrainer` does this itself). Repeat
             a budget to draw it more often (`[144, 64, 36, 36, 16]`).
+        budget_setting: the plan setting the drawn budgets set: "max_image_tokens" (per image, the default) or
+            "max_image_tokens_per_sample" (one budget shared by each sample's images, e.g. `[288, 144, 64]`).
         sizes_for_epoch: for data whose image sizes change between epochs (new random layouts each epoch): a
             function epoch -> that epoch's image sizes (like `image_sizes`, which must be epoch 0's). `set_epoch`
             and `load_state_dict` then `replan` from it; the function is where the dataset moves to that epoch,
@@ -171,6 +180,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         length_step: int = 16,
         plan_overrides: dict | None = None,
         budgets: Sequence[int] | None = None,
+        budget_setting: str = "max_image_tokens",
         sizes_for_epoch: Callable[[int], Sequence] | None = None,
     ):
         check_batch_limits(batch_size, max_tokens_per_batch)
@@ -182,7 +192,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.image_processor = image_processor
         self._plans, self._rows = {}, {}  # plan caches, by image size and by a sample's image sizes
         self.plan_overrides = dict(plan_overrides or {})
-        self.budgets = _check_budgets(budgets, self.plan_overrides)
+        if budget_setting not in BUDGET_SETTINGS:
+            raise ValueError(f"budget_setting must be one of {BUDGET_SETTINGS}, got {budget_setting!r}")
+        self.budget_setting = budget_setting
+        self.budgets = _check_budgets(budgets, self.plan_overrides, budget_setting)
         for budget in sorted(set(self.budgets or ())):  # a budget the processor cannot plan fails here, not later
             try:
                 self.plan(64, 64, budget)
@@ -244,7 +257,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         batching_budget = max(self.budgets) if self.budgets else None
         self.lengths, self.keys, self.shapes = [], [], []
         for index, (sizes, text_length) in enumerate(zip(image_sizes, text_lengths)):
-            image_tokens, key, shapes = self._plan_row(sizes, batching_budget)
+            try:
+                image_tokens, key, shapes = self._plan_row(sizes, batching_budget)
+                shared = self.budgets and self.budget_setting == "max_image_tokens_per_sample"
+                if shared and len(_as_image_list(sizes)) > 1:  # the smallest draw must fit the sample's images too
+                    self._plan_row(sizes, min(self.budgets))
+            except ValueError as error:
+                raise ValueError(f"sample {index}: {error}") from error
             length = int(text_length) + image_tokens
             if self.max_tokens_per_batch is not None and length > self.max_tokens_per_batch:
                 raise ValueError(
@@ -268,16 +287,25 @@ class BucketBatchSampler(Sampler[list[int]]):
     # --- plan and buckets: read from the image processor, never re-derived -------------------------------
 
     def plan(self, height: int, width: int, budget: int | None = None) -> ImagePlan:
-        """The image's plan under the sampler's `plan_overrides`, at `budget` image tokens when given.
+        """The image's plan, as a sample of its own, under the sampler's `plan_overrides`, at `budget` (the
+        `budget_setting`) when given.
 
         Cached by (size, budget): datasets of millions of rows have far fewer distinct sizes, and planning is pure
         Python."""
         key = (height, width, budget)
         plan = self._plans.get(key)
         if plan is None:
-            overrides = self.plan_overrides if budget is None else {**self.plan_overrides, "max_image_tokens": budget}
-            plan = self._plans[key] = self.image_processor.plan(height, width, **overrides)
+            plan = self._plans[key] = self.image_processor.plan(height, width, **self._overrides(budget))
         return plan
+
+    def _overrides(self, budget: int | None) -> dict:
+        return self.plan_overrides if budget is None else {**self.plan_overrides, self.budget_setting: budget}
+
+    def _shares_budget(self, budget: int | None) -> bool:
+        """Whether a sample's images share a per-sample budget (then they are planned together, not one by one)."""
+        overrides = self._overrides(budget)
+        return (overrides.get("max_image_tokens_per_sample")
+                or getattr(self.image_processor, "max_image_tokens_per_sample", None)) is not None
 
     def _plan_row(self, sizes, budget: int | None = None) -> tuple[int, tuple, tuple]:
         """(image tokens, bucket key, resized shapes) of one sample's image sizes, cached for hashable sizes
@@ -286,7 +314,11 @@ class BucketBatchSampler(Sampler[list[int]]):
             return self._rows[sizes, budget]
         except (KeyError, TypeError):  # not seen yet, or a list (unhashable)
             pass
-        plans = [self.plan(height, width, budget) for height, width in _as_image_list(sizes)]
+        images = _as_image_list(sizes)
+        if len(images) > 1 and self._shares_budget(budget):
+            plans = self.image_processor.plan_sample(images, **self._overrides(budget))
+        else:
+            plans = [self.plan(height, width, budget) for height, width in images]
         planned = (
             sum(plan.num_tokens for plan in plans),
             tuple(sorted(self.bucket_of(plan) for plan in plans)),
@@ -437,7 +469,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             if budgets is None:
                 yield list(batches[position])
             else:
-                plan = {"max_image_tokens": budgets[position]}
+                plan = {self.budget_setting: budgets[position]}
                 yield [PlannedIndex(index, plan) for index in batches[position]]
 
     def state_dict(self) -> dict:
@@ -453,7 +485,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._skip = self._yielded = state["num_batches_yielded"]
 
 
-def _check_budgets(budgets, plan_overrides: dict) -> tuple[int, ...] | None:
+def _check_budgets(budgets, plan_overrides: dict, setting: str = "max_image_tokens") -> tuple[int, ...] | None:
     if budgets is None:
         return None
     if isinstance(budgets, (int, np.integer)):
@@ -464,11 +496,12 @@ def _check_budgets(budgets, plan_overrides: dict) -> tuple[int, ...] | None:
     bad = [budget for budget in budgets if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool)
            or budget < 1]
     if bad:
-        raise ValueError(f"budgets must be positive integers (image tokens per image), got {bad}")
-    if "max_image_tokens" in plan_overrides:
+        per = "per image" if setting == "max_image_tokens" else "per sample"
+        raise ValueError(f"budgets must be positive integers (image tokens {per}), got {bad}")
+    if plan_overrides.get(setting) is not None:
         raise ValueError(
-            f"plan_overrides sets max_image_tokens={plan_overrides['max_image_tokens']} and budgets are given: "
-            "the drawn budget is the max_image_tokens of each batch, so give one or the other"
+            f"plan_overrides sets {setting}={plan_overrides[setting]} and budgets are given: "
+            f"the drawn budget is the {setting} of each batch, so give one or the other"
         )
     return tuple(sorted((int(budget) for budget in budgets), reverse=True))  # a repeated budget weighs more
 

@@ -228,7 +228,10 @@ class StreamingBucketBatches(IterableDataset):
         """Plan the row's images from their sizes (no pixels) and count its tokens."""
         column = self._image_column(row)
         sizes = self._image_sizes(row, column, index)
-        plans = [self.image_processor.plan(height, width, **self.plan_overrides) for height, width in sizes]
+        try:  # planned together: under a per-sample budget the row's images share it
+            plans = self.image_processor.plan_sample(sizes, **self.plan_overrides)
+        except ValueError as error:
+            raise ValueError(f"dataset row {index}: {error}") from error
         if column is not None:
             row[column] = _decodable(row[column])
         text_row = {name: value for name, value in row.items() if name != column}
