@@ -3,7 +3,9 @@
 
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
 
@@ -34,6 +36,13 @@ CHAT_TEMPLATE = (
 
 class ImageTextMismatchError(ValueError):
     """The images and the `<image>` placeholders in the text do not line up."""
+
+    def __init__(self, detail: str):
+        # transformers' own wording follows ours, for clients that match on it
+        super().__init__(
+            f"{detail} (the number of {IMAGE_TOKEN} tokens in the prompts should be the same as the number of images "
+            "passed)"
+        )
 
 
 class NanoVLMImagesKwargs(ImagesKwargs, total=False):
@@ -143,6 +152,17 @@ class NanoVLMProcessor(ProcessorMixin):
         image_processor_kwargs = {key: value for key, value in kwargs.items() if key not in ignored}
         return NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, without its side effect on this processor: saving remote code sets `auto_map` on the
+        object saved (the file gets it either way), which would make a saved processor's `to_dict` differ from
+        the same processor loaded back."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
+
     def _images_per_sample(self, text: list[str], images) -> list[list]:
         """Images grouped per sample, checked against the `<image>` count of each sample."""
         counts = [sample.count(IMAGE_TOKEN) for sample in text]
@@ -191,7 +211,12 @@ class NanoVLMProcessor(ProcessorMixin):
         init_kwargs = {key: value for key, value in self.tokenizer.init_kwargs.items() if key != "padding_side"}
         return self._merge_kwargs(NanoVLMProcessorKwargs, tokenizer_init_kwargs=init_kwargs, **kwargs)
 
-    def __call__(self, images=None, text=None, **kwargs: Unpack[NanoVLMProcessorKwargs]) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[NanoVLMProcessorKwargs],
+    ) -> BatchFeature:
         """Tokenize `text` with each `<image>` expanded to its planned tokens, and process `images`.
 
         `text` is a string or a list of strings; `images` a flat list (in placeholder order) or one list
