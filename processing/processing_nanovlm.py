@@ -199,7 +199,10 @@ class NanoVLMProcessor(ProcessorMixin):
         image-only processors take them: there are no videos or audio here, so they change nothing."""
         typed = NanoVLMProcessorKwargs.__annotations__
         known = {name for group in MODALITY_KWARGS for name in typed[group].__annotations__}
-        unknown = sorted(set(kwargs) - known - set(typed) - {"common_kwargs"})
+        unknown = set(kwargs) - known - set(typed) - {"common_kwargs"}
+        for group in (*MODALITY_KWARGS, "common_kwargs"):
+            unknown |= set(kwargs.get(group) or {}) - known
+        unknown = sorted(unknown)
         if unknown:
             plan_fields = sorted(NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys())
             raise TypeError(
