@@ -24,6 +24,7 @@ require_version(TRANSFORMERS_REQUIREMENT, f"nanoVLM's processor needs it: pip in
 
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature  # noqa: E402
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling  # noqa: E402
+from transformers.image_utils import load_image as transformers_load_image  # noqa: E402
 from transformers.utils import is_torch_available  # noqa: E402
 
 if is_torch_available():
@@ -374,8 +375,28 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _is_remote_or_base64(image) -> bool:
+    """A URL or a base64 string (with or without a `data:image/...;base64,` prefix): anything a string can be
+    but an existing file."""
+    if not isinstance(image, str):
+        return False
+    return image.startswith(("http://", "https://", "data:image/")) or not os.path.isfile(image)
+
+
+def _load_with_transformers(image: str) -> Image.Image:
+    """A URL or base64 string loaded by transformers' own `load_image`, as transformers' processors load them (so
+    they come back as RGB with EXIF orientation applied, transparency dropped the way transformers drops it)."""
+    try:
+        return transformers_load_image(image)
+    except Exception as error:  # httpx's network errors, PIL's decode errors, transformers' ValueError
+        shown = image if len(image) <= 80 else image[:77] + "..."
+        raise ImageInputError(
+            f"cannot decode image {shown!r}: not an existing file, and not a loadable URL or base64 image ({error})"
+        ) from error
+
+
 def _open_image(image) -> tuple[Image.Image, bool]:
-    """(PIL image, opened here) for a PIL image, numpy array, torch tensor, path or bytes.
+    """(PIL image, opened here) for a PIL image, numpy array, torch tensor, path, bytes, URL or base64 string.
 
     Paths and bytes are only opened (header read, pixels not decoded), so the caller can still ask the JPEG decoder
     for a reduced scale (`Image.draft`) before decoding. A `datasets` image entry left encoded
@@ -383,6 +404,8 @@ def _open_image(image) -> tuple[Image.Image, bool]:
     """
     if isinstance(image, dict) and set(image) <= {"bytes", "path"} and (image.get("bytes") or image.get("path")):
         image = image.get("bytes") or image["path"]
+    if _is_remote_or_base64(image):
+        return _load_with_transformers(image), True
     if isinstance(image, (str, os.PathLike, bytes)):
         try:
             return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), True
@@ -395,7 +418,9 @@ def _open_image(image) -> tuple[Image.Image, bool]:
     if isinstance(image, np.ndarray):
         return _array_to_pil(image), True
     if not isinstance(image, Image.Image):
-        raise ImageInputError(f"expected a PIL image, array, tensor, path or bytes, got {type(image).__name__}")
+        raise ImageInputError(
+            f"expected a PIL image, array, tensor, path, bytes, URL or base64 string, got {type(image).__name__}"
+        )
     return image, False
 
 
@@ -450,7 +475,7 @@ def _header_orientation(image: Image.Image) -> int:
 
 def image_size(image) -> tuple[int, int]:
     """(height, width) of an image without decoding its pixels where possible (paths, bytes, PIL)."""
-    if isinstance(image, (str, os.PathLike, bytes)):
+    if isinstance(image, (str, os.PathLike, bytes)) and not _is_remote_or_base64(image):
         source = io.BytesIO(image) if isinstance(image, bytes) else image
         try:
             with Image.open(source) as opened:
@@ -511,6 +536,16 @@ def _resize_rgb(image: Image.Image, size: tuple[int, int], resample: int) -> np.
     return resized[0].numpy()
 
 
+# Per-call (and saved) pixel settings, as transformers' image processors name them.
+PIXEL_SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+# transformers' other image kwargs (`ImagesKwargs`): the plan decides each image's size, so these are refused when
+# set (None means "the default" there, and is let through).
+UNUSED_IMAGE_KWARGS = (
+    "do_resize", "size", "default_to_square", "crop_size", "resample", "do_pad", "pad_size", "do_center_crop",
+    "data_format", "input_data_format", "device", "disable_grouping", "image_seq_length", "do_convert_rgb",
+)
+
+
 class NanoVLMImageProcessor(BaseImageProcessor):
     r"""Resizes each image to its own plan (aspect kept, under the image-token budget) and flattens it to patches.
 
@@ -566,6 +601,9 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         background_color: list[int] | tuple[int, ...] = (255, 255, 255),
         pixel_dtype: str = "float32",
         reduced_jpeg_decode: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -586,6 +624,9 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
         self.pixel_dtype = pixel_dtype
         self.reduced_jpeg_decode = bool(reduced_jpeg_decode)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(
                 f"image_mean and image_std need one value per RGB channel (std > 0), "
@@ -725,14 +766,17 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         patches = pixels.reshape(3, plan.grid_height, p, plan.grid_width, p).transpose(1, 3, 0, 2, 4)
         return patches.reshape(plan.num_patches, 3 * p * p)
 
-    def _normalized(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """uint8 patches to float32 `(x / 255 - mean) / std`.
+    def _normalized(self, chunks: list[np.ndarray], pixels: dict) -> np.ndarray:
+        """uint8 patches to float32 `(x * rescale_factor - mean) / std` (by default `(x / 255 - mean) / std`), each
+        step as `pixels` (`_pixel_settings`) asks.
 
         One multiply into the output array, one subtract in place."""
         p2 = self.patch_size**2
-        std = np.asarray(self.image_std, np.float64)
-        scale = np.repeat(1.0 / (255.0 * std), p2).astype(np.float32)
-        shift = np.repeat(np.asarray(self.image_mean, np.float64) / std, p2).astype(np.float32)
+        factor = pixels["rescale_factor"] if pixels["do_rescale"] else 1.0
+        std = np.asarray(pixels["image_std"] if pixels["do_normalize"] else (1.0, 1.0, 1.0), np.float64)
+        mean = np.asarray(pixels["image_mean"] if pixels["do_normalize"] else (0.0, 0.0, 0.0), np.float64)
+        scale = np.repeat(factor / std, p2).astype(np.float32)
+        shift = np.repeat(mean / std, p2).astype(np.float32)
         out = np.empty((sum(len(chunk) for chunk in chunks), 3 * p2), np.float32)
         start = 0
         for chunk in chunks:
@@ -742,12 +786,48 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             start += len(chunk)
         return out
 
+    def _pixel_settings(self, overrides: dict) -> dict:
+        """This call's rescale / normalise settings (`PIXEL_SETTINGS`), taken out of `overrides`; the rest of
+        transformers' image kwargs (`size`, `crop_size`, `do_pad`, ...) would fight the plan, so they are errors."""
+        given = {name: overrides.pop(name) for name in PIXEL_SETTINGS if overrides.get(name, None) is not None}
+        for name in PIXEL_SETTINGS:
+            overrides.pop(name, None)
+        # None is transformers' "the default"; images always become RGB here
+        ignored = {
+            name
+            for name, value in overrides.items()
+            if name in UNUSED_IMAGE_KWARGS and (value is None or (name == "do_convert_rgb" and value))
+        }
+        for name in ignored:
+            overrides.pop(name)
+        refused = sorted(set(overrides) & set(UNUSED_IMAGE_KWARGS))
+        if refused:
+            raise TypeError(
+                f"nanoVLM's image processor does not take {refused}: each image's size comes from its plan; set "
+                f"the plan's fields instead ({list(self.plan_fields)})"
+            )
+        if given and self.pixel_dtype == "uint8":
+            raise ValueError(
+                f"{sorted(given)} given with pixel_dtype='uint8': the model rescales and normalises uint8 pixels "
+                "itself, with its config's image_mean / image_std; use pixel_dtype='float32' to set them per call"
+            )
+        settings = {**{name: getattr(self, name) for name in PIXEL_SETTINGS}, **given}
+        if len(settings["image_mean"]) != 3 or len(settings["image_std"]) != 3 or min(settings["image_std"]) <= 0:
+            raise ValueError(
+                f"image_mean and image_std need one value per RGB channel (std > 0), "
+                f"got {settings['image_mean']}, {settings['image_std']}"
+            )
+        return settings
+
     def preprocess(self, images, return_tensors=None, **overrides) -> BatchFeature:
-        """Plan, resize and patchify images; normalise them unless `pixel_dtype="uint8"`.
+        """Plan, resize and patchify images; rescale and normalise them unless `pixel_dtype="uint8"`.
 
         `images`: one image, a flat list (each image its own sample), or one list per sample, whose images are
         planned together (they share `max_image_tokens_per_sample`). Outputs are flat, image after image.
+        `overrides` may set plan fields and `PIXEL_SETTINGS` for this call.
         """
+        overrides = dict(overrides)
+        pixel_settings = self._pixel_settings(overrides)
         if images is None:
             raise ImageInputError("no images given")
         samples = _images_per_sample(images)
@@ -778,7 +858,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
             else:
                 pixel_values = np.zeros((0, 3 * self.patch_size**2), np.uint8)
         else:
-            pixel_values = self._normalized(patch_chunks)
+            pixel_values = self._normalized(patch_chunks, pixel_settings)
         data = {
             "pixel_values": pixel_values,
             "image_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
@@ -813,6 +893,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
 __all__ = [
     "NanoVLMImageProcessor",
     "PIXEL_DTYPES",
+    "PIXEL_SETTINGS",
     "MODEL_SETTINGS",
     "check_plan_settings",
     "ImagePlan",

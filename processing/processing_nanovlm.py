@@ -3,7 +3,9 @@
 
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
 
@@ -34,6 +36,13 @@ CHAT_TEMPLATE = (
 
 class ImageTextMismatchError(ValueError):
     """The images and the `<image>` placeholders in the text do not line up."""
+
+    def __init__(self, detail: str):
+        # transformers' own wording follows ours, for clients that match on it
+        super().__init__(
+            f"{detail} (the number of {IMAGE_TOKEN} tokens in the prompts should be the same as the number of images "
+            "passed)"
+        )
 
 
 class NanoVLMImagesKwargs(ImagesKwargs, total=False):
@@ -129,10 +138,7 @@ class NanoVLMProcessor(ProcessorMixin):
         `kwargs`; `_get_arguments_from_pretrained` hands it on for 5.24).
         """
         if kwargs.get("image_processor") is None:
-            image_processor_kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
-            kwargs["image_processor"] = NanoVLMImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, **image_processor_kwargs
-            )
+            kwargs["image_processor"] = cls._own_image_processor(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -143,6 +149,23 @@ class NanoVLMProcessor(ProcessorMixin):
         image_processor = kwargs.pop("image_processor")
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
+
+    @staticmethod
+    def _own_image_processor(pretrained_model_name_or_path, **kwargs) -> NanoVLMImageProcessor:
+        ignored = {"trust_remote_code", "image_processor", "tokenizer", "return_unused_kwargs"}
+        image_processor_kwargs = {key: value for key, value in kwargs.items() if key not in ignored}
+        return NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, without its side effect on this processor: saving remote code sets `auto_map` on the
+        object saved (the file gets it either way), which would make a saved processor's `to_dict` differ from
+        the same processor loaded back."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
 
     def _images_per_sample(self, text: list[str], images) -> list[list]:
         """Images grouped per sample, checked against the `<image>` count of each sample."""
@@ -173,11 +196,17 @@ class NanoVLMProcessor(ProcessorMixin):
         return grouped
 
     def _merged_kwargs(self, kwargs: dict) -> dict[str, dict]:
-        """`_merge_kwargs`, but a keyword that belongs to neither the tokenizer nor the plan is an error (transformers
-        would only warn, and a misspelt budget would silently fall back to the default)."""
+        """`_merge_kwargs`, but a keyword that belongs to no modality's typed kwargs is an error (transformers would
+        only warn, and a misspelt budget would silently fall back to the default).
+
+        Declared video and audio kwargs (`num_frames`, `fps`, `sampling_rate`, ...) are taken as transformers'
+        image-only processors take them: there are no videos or audio here, so they change nothing."""
         typed = NanoVLMProcessorKwargs.__annotations__
-        known = {name for group in ("text_kwargs", "images_kwargs") for name in typed[group].__annotations__}
-        unknown = sorted(set(kwargs) - known - set(typed))
+        known = {name for group in MODALITY_KWARGS for name in typed[group].__annotations__}
+        unknown = set(kwargs) - known - set(typed) - {"common_kwargs"}
+        for group in (*MODALITY_KWARGS, "common_kwargs"):
+            unknown |= set(kwargs.get(group) or {}) - known
+        unknown = sorted(unknown)
         if unknown:
             plan_fields = sorted(NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys())
             raise TypeError(
@@ -191,26 +220,31 @@ class NanoVLMProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        text=None,
-        images=None,
-        videos=None,
-        audio=None,
-        audios=None,
+        images: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
+        text: TextInput | list[TextInput] | None = None,
         **kwargs: Unpack[NanoVLMProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text` with each `<image>` expanded to its planned tokens, and process `images`.
 
         `text` is a string or a list of strings; `images` a flat list (in placeholder order) or one list
-        per sample. Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call;
-        `max_image_tokens_per_sample` is one budget shared by the images of each sample (text).
+        per sample, each a PIL image, array, tensor, path, bytes, URL or base64 string. Positionally the order is
+        transformers' (images, text); the older (text, images) is recognised too, as text is never an image.
+        Plan fields (`max_image_tokens`, `max_image_size`, ...) may be overridden per call, flat or in
+        `images_kwargs`; `max_image_tokens_per_sample` is one budget shared by the images of each sample (text).
         Padding is on the left by default, as generation wants; training collators pad on the right.
-        `videos`, `audio` and `audios` exist so that generic clients may pass them as None.
+        `videos`, `audio` and `audios` may be given None or empty, as generic clients pass them; declared video and
+        audio kwargs are accepted and change nothing. `return_mm_token_type_ids=True` adds `mm_token_type_ids`
+        (1 at image tokens, 0 elsewhere).
         """
-        if videos is not None or audio is not None or audios is not None:
-            raise ValueError("nanoVLM takes images and text only: videos, audio and audios must be None")
+        if _is_text(images) and text is not None and not _is_text(text):
+            images, text = text, images
+        _refuse_videos_and_audio(kwargs)
         merged = self._merged_kwargs(kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+        return_mm_token_type_ids = text_kwargs.pop(
+            "return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False)
+        )
         # Where each `<image>` went in the expanded text: `apply_chat_template(..., return_assistant_tokens_mask=True)`
         # asks for it to move the assistant spans past the image tokens.
         return_replacement_offsets = text_kwargs.pop(
@@ -245,6 +279,8 @@ class NanoVLMProcessor(ProcessorMixin):
         data = {**encoding, **image_inputs}
         if return_replacement_offsets:
             data["text_replacement_offsets"] = replacement_offsets
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoding["input_ids"])
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
     def _process_images(self, images: list[list], **kwargs):
@@ -266,7 +302,7 @@ class NanoVLMProcessor(ProcessorMixin):
         if image_sizes is None:
             return MultiModalData()
         images_kwargs = self._merge_kwargs(NanoVLMProcessorKwargs, **kwargs)["images_kwargs"]
-        images_kwargs.pop("return_tensors", None)
+        images_kwargs = {key: value for key, value in images_kwargs.items() if key in NanoVLMImageProcessor.plan_fields}
         plans = [self.image_processor.plan(height, width, **images_kwargs) for height, width in image_sizes]
         return MultiModalData(
             num_image_tokens=[plan.num_tokens for plan in plans], num_image_patches=[plan.num_patches for plan in plans]
@@ -295,6 +331,29 @@ class NanoVLMProcessor(ProcessorMixin):
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", *self.image_processor.model_input_names]
+
+
+MODALITY_KWARGS = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
+
+
+def _is_text(value) -> bool:
+    """A string or a non-empty list of strings: what `text` takes."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(item, str) for item in value)
+
+
+def _refuse_videos_and_audio(kwargs: dict) -> None:
+    """Take `videos`, `audio`, `audios` out of `kwargs`: None or empty is what generic clients send to any processor
+    (lmms-eval: `videos=[], audios=[]`); anything in them is an error, never silently dropped."""
+    for name in ("videos", "audio", "audios"):
+        value = kwargs.pop(name, None)
+        if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+            continue
+        raise ValueError(
+            f"nanoVLM takes images and text only: {name} must be None or empty, got {type(value).__name__}"
+            + (f" of {len(value)}" if hasattr(value, "__len__") else "")
+        )
 
 
 def _sample_of_image(image_index: int | None, grouped: list[list]) -> int | None:

@@ -373,7 +373,7 @@ def test_processor_routes_tokenizer_and_plan_arguments(processor):
     assert left["attention_mask"][1, 0] == 0  # left padding by default, as generation wants
     no_mask = processor(text=["hi"], return_attention_mask=False)
     assert "attention_mask" not in no_mask
-    with pytest.raises(ValueError, match="videos, audio and audios must be None"):
+    with pytest.raises(ValueError, match="videos must be None or empty"):
         processor(text="<image>", images=[image], videos=[image])
     with pytest.raises(TypeError, match="unknown plan setting"):
         processor(text="<image>", images=[image], max_image_token=16)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from fresh_process import BLOCK_REPOSITORY
 from packaging.requirements import Requirement
-from test_export import save_with_reference
 
 import modeling_nanovlm.configuration_nanovlm as configuration
 import processing.image_processing_nanovlm as image_processing
+
+from test_export import save_with_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
