@@ -58,7 +58,8 @@ def outputs(name: str) -> dict[str, torch.Tensor]:
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 170), (200, 64), (130, 130)]]
     result = {}
     for budget in BUDGETS[config.connector]:
-        processor = NanoVLMProcessor(NanoVLMImageProcessor.from_model_config(config, max_image_tokens=budget), tokenizer)
+        image_processor = NanoVLMImageProcessor.from_model_config(config, max_image_tokens=budget)
+        processor = NanoVLMProcessor(image_processor, tokenizer)
         batch = processor(text=["<image>Which digit?", "<image><image>Where?"], images=[images[:1], images[1:]],
                           return_tensors="pt")
         with torch.no_grad():
