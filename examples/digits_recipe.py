@@ -58,6 +58,7 @@ from training_tools import (
 )
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
+from modeling_nanovlm.configuration_nanovlm import CONNECTOR_SETTINGS
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 
@@ -159,10 +160,8 @@ def build_digits_model(recipe: dict, seed: int, corpus: list[str] | None = None)
     """Offline tokenizer (on `corpus`, by default the task's texts), a tiny model, and the processor built from the
     model's config (one source of settings)."""
     tokenizer = build_tokenizer(corpus or tokenizer_corpus())
-    connector_settings = {name: recipe[name] for name in (
-        "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
-        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries", "cell_context_kernel",
-        "token_context_kernel", "image_token_positions")}
+    connector = recipe["connector"]  # the config refuses the other mode's settings
+    connector_settings = {"connector": connector, **{name: recipe[name] for name in CONNECTOR_SETTINGS[connector]}}
     config = tiny_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(NanoVLMProcessor.image_token),

@@ -10,14 +10,8 @@ See docs/architecture.md for the data path from `processor(...)` to the language
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_nanovlm import NanoVLMConfig, small_config, tiny_config
-from .modeling_nanovlm import (
-    IMAGE_TOKEN,
-    NanoVLMForConditionalGeneration,
-    NanoVLMModel,
-    NanoVLMPreTrainedModel,
-    pixel_shuffle,
-    pixel_unshuffle,
-)
+from .connector import PerceiverConnector, ShuffleConnector, build_connector, pixel_shuffle, pixel_unshuffle
+from .modeling_nanovlm import IMAGE_TOKEN, NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMPreTrainedModel
 
 # The one place the version is written: setup.cfg reads it (`version = attr: modeling_nanovlm.__version__`).
 __version__ = "0.1.0"
@@ -46,6 +40,9 @@ __all__ = [
     "NanoVLMModel",
     "NanoVLMPreTrainedModel",
     "NanoVLMTrainer",
+    "ShuffleConnector",
+    "PerceiverConnector",
+    "build_connector",
     "pixel_shuffle",
     "pixel_unshuffle",
     "tiny_config",

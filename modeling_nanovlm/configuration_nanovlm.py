@@ -11,6 +11,14 @@ from transformers import AutoConfig, PreTrainedConfig  # noqa: E402
 from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 
 CONNECTOR_MODES = ("shuffle", "perceiver")
+# The settings each connector mode reads; the other mode's must keep their defaults (a model that silently ignores a
+# setting is a surprise later).
+CONNECTOR_SETTINGS = {
+    "shuffle": ("shuffle_factors", "shared_cell_encoder", "cell_context_kernel", "token_context_kernel",
+                "image_token_positions"),
+    "perceiver": ("perceiver_latents", "perceiver_depth", "perceiver_heads", "perceiver_head_dim",
+                  "perceiver_pooled_queries"),
+}
 
 
 class NanoVLMConfig(PreTrainedConfig):
@@ -110,8 +118,20 @@ class NanoVLMConfig(PreTrainedConfig):
             raise ValueError(
                 "cell_context_kernel needs shared_cell_encoder=True: its convolution runs over the encoded cells"
             )
+        for mode, settings in CONNECTOR_SETTINGS.items():
+            changed = [name for name in settings if mode != self.connector and self._differs_from_default(name)]
+            if changed:
+                raise ValueError(
+                    f"connector={self.connector!r} ignores the {mode} connector's settings, and these are set: "
+                    + ", ".join(f"{name}={getattr(self, name)!r}" for name in changed) + "; leave them out"
+                )
         # The LM's own tie setting decides; keep it visible on the composite config.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def _differs_from_default(self, name: str) -> bool:
+        default = type(self).__dataclass_fields__[name].default
+        value = getattr(self, name)
+        return list(value) != list(default) if isinstance(default, (list, tuple)) else value != default
 
     @property
     def patch_size(self) -> int:
@@ -152,4 +172,4 @@ def small_config(vocab_size: int = 49153, image_token_id: int = 49152, **overrid
     return _preset(vision, text, image_token_id, overrides)
 
 
-__all__ = ["NanoVLMConfig", "tiny_config", "small_config"]
+__all__ = ["NanoVLMConfig", "CONNECTOR_SETTINGS", "tiny_config", "small_config"]

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from huggingface_hub import HfApi
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -28,10 +27,9 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     augment_patches_center_coordinates,
     get_patches_center_coordinates,
 )
-from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
-from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
 from .configuration_nanovlm import NanoVLMConfig
+from .connector import build_connector
 from .model_card import render_model_card
 
 IMAGE_TOKEN = "<image>"
@@ -57,34 +55,6 @@ def normalize_pixels(pixel_values: torch.Tensor, mean, std, dtype: torch.dtype) 
     return patches.view(pixel_values.shape).to(dtype)
 
 
-def pixel_shuffle(x: torch.Tensor, grid_height: int, grid_width: int, factor: int) -> torch.Tensor:
-    """Space-to-depth on a rectangular grid: (B, Gh*Gw, D) -> (B, Gh*Gw/s^2, D*s^2).
-
-    Each output token holds one s x s neighbourhood of the (Gh, Gw) grid, in row-major order.
-    """
-    batch, length, dim = x.shape
-    if length != grid_height * grid_width:
-        raise ValueError(f"pixel_shuffle: {length} tokens do not form a {grid_height}x{grid_width} grid")
-    if grid_height % factor or grid_width % factor:
-        raise ValueError(f"pixel_shuffle: factor {factor} does not divide the {grid_height}x{grid_width} grid")
-    x = x.reshape(batch, grid_height // factor, factor, grid_width // factor, factor, dim)
-    x = x.permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, (grid_height // factor) * (grid_width // factor), factor * factor * dim)
-
-
-def pixel_unshuffle(x: torch.Tensor, grid_height: int, grid_width: int, factor: int) -> torch.Tensor:
-    """Inverse of `pixel_shuffle`: (B, Gh*Gw/s^2, D*s^2) -> (B, Gh*Gw, D), for the original (Gh, Gw) grid."""
-    batch, length, dim = x.shape
-    rows, cols = grid_height // factor, grid_width // factor
-    if grid_height % factor or grid_width % factor or length != rows * cols or dim % (factor * factor):
-        raise ValueError(
-            f"pixel_unshuffle: ({length}, {dim}) is not a {grid_height}x{grid_width} grid shuffled by {factor}"
-        )
-    x = x.reshape(batch, rows, cols, factor, factor, dim // (factor * factor))
-    x = x.permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, grid_height * grid_width, dim // (factor * factor))
-
-
 def _zero_gradient(parameters) -> torch.Tensor | float:
     """0 x the sum of `parameters`: added to an output, it gives every one of them a gradient (of zeros).
 
@@ -94,37 +64,6 @@ def _zero_gradient(parameters) -> torch.Tensor | float:
     """
     total = sum(parameter.sum() for parameter in parameters)
     return total * 0.0
-
-
-def grid_position_embedding(grid_height: int, grid_width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """(Gh*Gw, dim) fixed 2-D sin-cos embedding of each patch's centre, in coordinates relative to the image (0-1).
-
-    The Perceiver resampler attends to its context by content only, and the tower's RoPE encodes relative positions
-    only, so without this the latents cannot tell where in the image a feature is. Relative coordinates make it the
-    same for every resolution; half the channels encode the row, half the column, at geometric frequencies.
-    """
-    quarter = dim // 4
-    frequencies = math.pi * 2.0 ** torch.linspace(0.0, 5.0, quarter, device=device, dtype=torch.float32)
-    rows = (torch.arange(grid_height, device=device, dtype=torch.float32) + 0.5) / grid_height
-    cols = (torch.arange(grid_width, device=device, dtype=torch.float32) + 0.5) / grid_width
-    row_angles = rows[:, None, None] * frequencies  # (Gh, 1, quarter)
-    col_angles = cols[None, :, None] * frequencies  # (1, Gw, quarter)
-    parts = [row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()]
-    parts = [part.expand(grid_height, grid_width, quarter) for part in parts]
-    embedding = torch.cat(parts, dim=-1).reshape(grid_height * grid_width, 4 * quarter)
-    embedding = F.pad(embedding, (0, dim - 4 * quarter))
-    return embedding.to(dtype) if dtype is not None else embedding
-
-
-def on_grid(grid_op, tokens: torch.Tensor, grid_hw: tuple[int, int], *args) -> torch.Tensor:
-    """Apply a (B, D, H, W) image op (pooling, a convolution) to (B, H*W, D) row-major tokens; tokens come back."""
-    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid_hw)
-    return grid_op(grid, *args).flatten(2).transpose(1, 2)
-
-
-def context_convolution(dim: int, kernel: int) -> nn.Conv2d | None:
-    """A kernel x kernel convolution that keeps its grid's size (odd kernel, zero padding); None for kernel 0."""
-    return nn.Conv2d(dim, dim, kernel, padding=kernel // 2) if kernel else None
 
 
 def tower_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
@@ -217,144 +156,6 @@ class Float32VisionRope(DINOv3ViTRopePositionEmbedding):
         return cos.to(qk_dtype), sin.to(qk_dtype)
 
 
-class ProjectionMLP(nn.Module):
-    """Linear -> activation -> Linear: the connector's projection to the LM width (LLaVA's two-layer MLP)."""
-
-    def __init__(self, in_features: int, out_features: int, act: str):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, out_features)
-        self.act = ACT2FN[act]
-        self.fc2 = nn.Linear(out_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features)."""
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class NanoVLMConnector(nn.Module):
-    """Patch features of one image shape -> LM-width image tokens, as the plan says.
-
-    shuffle: (optional average pooling of the patch grid) -> pixel shuffle by s -> projection for s
-        (with `shared_cell_encoder`: shuffle by the smallest factor -> shared cell encoder -> (+ cell context) ->
-        shuffle the encoded cells by s / smallest -> factor s's merge layer) -> (+ token context) (+ token
-        positions); each "+" step is added to what it follows, when the config sets `cell_context_kernel`,
-        `token_context_kernel` or `image_token_positions`.
-    perceiver: projection -> Idefics2 Perceiver resampler (a fixed number of latents per image).
-    """
-
-    def __init__(self, config: NanoVLMConfig):
-        super().__init__()
-        self.mode = config.connector
-        self.pooled_queries = config.perceiver_pooled_queries
-        vision_dim = config.vision_config.hidden_size
-        text_dim = config.text_config.hidden_size
-        act = config.projector_hidden_act
-        factors = config.shuffle_factors
-        # shared_cell_encoder: the smallest factor's cells are encoded once (first layer, shared) and factor s
-        # merges its (s / cell)^2 encoded cells (second layer, its own); else one two-layer projection per factor.
-        self.cell_factor = factors[0] if self.mode == "shuffle" and config.shared_cell_encoder else None
-        self.cell_context = None
-        if self.cell_factor:
-            cell = self.cell_factor
-            self.cell_encoder = nn.Sequential(nn.Linear(vision_dim * cell * cell, text_dim), ACT2FN[act])
-            self.projections = nn.ModuleDict(
-                {str(s): nn.Linear(text_dim * (s // cell) ** 2, text_dim) for s in factors}
-            )
-            # A convolution over the grid of encoded cells, added to each cell: a cell (and every token merged from
-            # it) also carries its neighbourhood, so what token borders cut stays readable at the larger factors.
-            self.cell_context = context_convolution(text_dim, config.cell_context_kernel)
-        elif self.mode == "shuffle":
-            self.projections = nn.ModuleDict(
-                {str(s): ProjectionMLP(vision_dim * s * s, text_dim, act) for s in factors}
-            )
-        else:
-            self.projection = ProjectionMLP(vision_dim, text_dim, act)
-            self.perceiver = Idefics2PerceiverResampler(
-                Idefics2PerceiverConfig(
-                    hidden_size=text_dim,
-                    hidden_act="silu",
-                    rms_norm_eps=getattr(config.text_config, "rms_norm_eps", 1e-6),
-                    resampler_n_latents=config.perceiver_latents,
-                    resampler_depth=config.perceiver_depth,
-                    resampler_n_heads=config.perceiver_heads,
-                    resampler_head_dim=config.perceiver_head_dim,
-                    num_key_value_heads=config.perceiver_heads,
-                    attn_implementation=config.text_config._attn_implementation,
-                )
-            )
-            # Idefics2 creates every latent as ones: identical queries give identical output tokens, and on the
-            # digits task the model learned only what one token carries (the quadrant, not the digit). Distinct
-            # random latents break that symmetry; small ones (queries are RMS-normalised, so their scale does not
-            # matter there) keep the constant latent out of the output's residual, leaving the image's content.
-            nn.init.normal_(self.perceiver.latents, std=config.text_config.initializer_range)
-        self.token_context = self.token_position = None
-        if self.mode == "shuffle":
-            # The same one level up: each token also carries its neighbouring tokens.
-            self.token_context = context_convolution(text_dim, config.token_context_kernel)
-            # The LM's positions are 1-D: a token's row and column depend on the token grid's width, which changes
-            # with every image. A learned map of each token's 2-D place (relative to the image) is added to it.
-            if config.image_token_positions:
-                self.token_position = nn.Linear(text_dim, text_dim, bias=False)
-
-    def _resample(self, context: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """(B, Gh*Gw, text_dim) context -> (B, latents, text_dim) through the Idefics2 resampler's layers."""
-        if not self.pooled_queries:
-            mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
-            return self.perceiver(context, attention_mask=mask)
-        latents = self.perceiver.n_latents
-        rows = max(r for r in range(1, math.isqrt(latents) + 1) if latents % r == 0)  # the squarest grid
-        queries = on_grid(F.adaptive_avg_pool2d, context, grid_hw, (rows, latents // rows))
-        queries = queries + self.perceiver.latents
-        for layer in self.perceiver.layers:  # the resampler's own loop, with these queries (no mask: none padded)
-            queries = layer(queries, context, attention_mask=None, position_ids=None)
-        return self.perceiver.norm(queries)
-
-    def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
-        """features: (B, Gh*Gw, D) for B images of one plan -> (B, th*tw, text_dim)."""
-        if self.mode == "perceiver":
-            if factor != 1 or token_hw[0] * token_hw[1] != self.perceiver.n_latents:
-                raise ValueError(
-                    f"the image processor planned {token_hw[0] * token_hw[1]} tokens (shuffle factor {factor}) but "
-                    f"this model's Perceiver gives {self.perceiver.n_latents} per image: use a processor with "
-                    f"connector='perceiver' and perceiver_latents={self.perceiver.n_latents}"
-                )
-            position = grid_position_embedding(*grid_hw, features.shape[-1], features.device, features.dtype)
-            return self._resample(self.projection(features + position), grid_hw)
-        if str(factor) not in self.projections:
-            raise ValueError(
-                f"the image processor planned shuffle factor {factor}, but this model only has projections for "
-                f"{sorted(int(s) for s in self.projections)}: use processor and model with the same shuffle_factors"
-            )
-        grid_height, grid_width = grid_hw
-        pooled_height, pooled_width = token_hw[0] * factor, token_hw[1] * factor
-        if not (0 < pooled_height <= grid_height and 0 < pooled_width <= grid_width):
-            raise ValueError(
-                f"token grid {tuple(token_hw)} x shuffle factor {factor} does not fit the {grid_height}x{grid_width} "
-                "patch grid: image_token_hw and image_shuffle_factor must come from the processor's plan"
-            )
-        if (pooled_height, pooled_width) != (grid_height, grid_width):
-            if factor != max(int(s) for s in self.projections):
-                raise ValueError(
-                    f"the image processor pools at shuffle factor {factor}, which only happens when its factors "
-                    f"or connector mode differ from this model's (shuffle, {sorted(int(s) for s in self.projections)})"
-                )
-            features = on_grid(F.adaptive_avg_pool2d, features, grid_hw, (pooled_height, pooled_width))
-        projection = self.projections[str(factor)]
-        if self.cell_factor:  # (B, Gh*Gw, D) -> (B, cells, text_dim), then the cells are shuffled by s / cell
-            cell = self.cell_factor
-            features = self.cell_encoder(pixel_shuffle(features, pooled_height, pooled_width, cell))
-            pooled_height, pooled_width, factor = pooled_height // cell, pooled_width // cell, factor // cell
-            if self.cell_context is not None:
-                features = features + on_grid(self.cell_context, features, (pooled_height, pooled_width))
-        tokens = projection(pixel_shuffle(features, pooled_height, pooled_width, factor))
-        if self.token_context is not None:
-            tokens = tokens + on_grid(self.token_context, tokens, token_hw)
-        if self.token_position is not None:
-            positions = grid_position_embedding(*token_hw, tokens.shape[-1], tokens.device, tokens.dtype)
-            tokens = tokens + self.token_position(positions)
-        return tokens
-
-
 # Checkpoints keep the layout nanoVLM was first saved in (`language_model.model.*` = LlamaModel,
 # `language_model.lm_head.*`, `vision_tower.*`, `connector.*` at the root); loading renames them to the
 # LLaVA-style modules below and `save_pretrained` writes them back, as transformers does for LLaVA. Registered
@@ -407,7 +208,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         )
         embeddings = self.vision_tower.embeddings
         embeddings.patch_embeddings = PatchEmbeddingConv.replacing(embeddings.patch_embeddings)
-        self.connector = NanoVLMConnector(config)
+        self.connector = build_connector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.num_prefix_tokens = 1 + config.vision_config.num_register_tokens  # CLS + registers, dropped
         self._set_no_split_modules(config)
@@ -473,6 +274,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             raise ValueError(
                 f"pixel_values hold {pixel_values.shape[0]} patches but image_grid_hw describes {sum(patch_counts)}"
             )
+        for grid, factor, token_hw in zip(grids, factors, token_grids):
+            self.connector.check_plan(tuple(grid), factor, tuple(token_hw))
         images = pixel_values.split(patch_counts)
         by_shape = defaultdict(list)
         for index, grid in enumerate(grids):
@@ -492,9 +295,8 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
                 for row, image_tokens in zip(rows, tokens):
                     features[indices[row]] = image_tokens
         features = torch.cat(features)
-        if self.training and self.config.connector == "shuffle":
-            unused = [str(s) for s in self.config.shuffle_factors if s not in set(factors)]
-            features = features + _zero_gradient(p for s in unused for p in self.connector.projections[s].parameters())
+        if self.training:
+            features = features + _zero_gradient(self.connector.unused_parameters(set(factors)))
         return features
 
     def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -805,10 +607,7 @@ __all__ = [
     "NanoVLMForConditionalGeneration",
     "NanoVLMModel",
     "NanoVLMPreTrainedModel",
-    "NanoVLMConnector",
     "Float32VisionRope",
     "PatchEmbeddingConv",
-    "pixel_shuffle",
-    "pixel_unshuffle",
     "IMAGE_TOKEN",
 ]

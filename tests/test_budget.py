@@ -320,11 +320,11 @@ def test_model_card_names_the_connectors_settings():
 def test_perceiver_output_depends_on_where_features_are():
     """Without positions the resampler is blind to the order of its context (the digits task stayed at chance)."""
     from modeling_nanovlm import tiny_config
-    from modeling_nanovlm.modeling_nanovlm import NanoVLMConnector, grid_position_embedding
+    from modeling_nanovlm.connector import PerceiverConnector, grid_position_embedding
 
     torch.manual_seed(0)
-    connector = NanoVLMConnector(tiny_config(connector="perceiver", perceiver_latents=4, perceiver_depth=1,
-                                             perceiver_heads=2, perceiver_head_dim=16)).eval()
+    connector = PerceiverConnector(tiny_config(connector="perceiver", perceiver_latents=4, perceiver_depth=1,
+                                               perceiver_heads=2, perceiver_head_dim=16)).eval()
     features = torch.randn(1, 6 * 4, 128)
     moved = features[:, torch.randperm(24)]
     with torch.no_grad():
@@ -343,11 +343,11 @@ def test_perceiver_pooled_queries_start_from_each_regions_content():
     import torch.nn.functional as F
 
     from modeling_nanovlm import tiny_config
-    from modeling_nanovlm.modeling_nanovlm import NanoVLMConnector, grid_position_embedding
+    from modeling_nanovlm.connector import PerceiverConnector, grid_position_embedding
 
     torch.manual_seed(0)
     config = tiny_config(connector="perceiver", perceiver_latents=6, perceiver_depth=0, perceiver_pooled_queries=True)
-    connector = NanoVLMConnector(config).eval()
+    connector = PerceiverConnector(config).eval()
     features = torch.randn(2, 4 * 9, 128)
     with torch.no_grad():
         out = connector(features, (4, 9), 1, (2, 3))

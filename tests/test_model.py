@@ -8,7 +8,7 @@ import torch
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
-from modeling_nanovlm.modeling_nanovlm import grid_position_embedding
+from modeling_nanovlm.connector import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 
@@ -97,7 +97,7 @@ def test_shared_cell_encoder_merges_the_smallest_factors_encoded_cells():
     row-major)."""
     model = make_model(shuffle_factors=(2, 4), shared_cell_encoder=True)
     connector = model.connector
-    assert sorted(connector.projections) == ["2", "4"] and connector.cell_factor == 2
+    assert sorted(connector.projections) == ["2", "4"] and connector.cell_size == 2
     features = torch.randn(2, 8 * 12, 128)
     cells = connector.cell_encoder(reference_shuffle(features, 8, 12, 2)).view(2, 4, 6, -1)
     with torch.no_grad():
@@ -142,7 +142,8 @@ def test_token_context_adds_a_convolution_over_each_images_token_grid():
         for factor, token_hw in ((2, (4, 6)), (4, (2, 3)), (4, (1, 2))):  # the last one pooled
             tokens = plain(features, (8, 12), factor, token_hw)
             grid = tokens.transpose(1, 2).reshape(2, -1, *token_hw)
-            context = connector.token_context(grid).flatten(2).transpose(1, 2)
+            context = torch.nn.functional.conv2d(grid, connector.token_context.weight, connector.token_context.bias,
+                                                 padding=1).flatten(2).transpose(1, 2)
             torch.testing.assert_close(connector(features, (8, 12), factor, token_hw), tokens + context)
 
 
@@ -176,6 +177,19 @@ def test_context_kernels_must_be_odd_and_the_cell_context_needs_the_shared_cell_
         tiny_config(shuffle_factors=(2, 4), **settings)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(connector="perceiver", image_token_positions=True),
+     r"connector='perceiver' ignores the shuffle connector's settings, and these are set: image_token_positions=True;"),
+    (dict(connector="perceiver", shuffle_factors=[2, 4], token_context_kernel=3),
+     r"shuffle_factors=\[2, 4\], token_context_kernel=3; leave them out"),
+    (dict(perceiver_latents=16, perceiver_pooled_queries=True),
+     r"connector='shuffle' ignores the perceiver connector's settings.*perceiver_latents=16, perceiver_pooled_queries"),
+])
+def test_settings_of_the_other_connector_mode_are_errors(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**settings)
+
+
 def test_image_token_positions_add_a_learned_map_of_each_tokens_place():
     """Each token gets W . e(row, column), e the fixed 2-D sin-cos embedding of its centre relative to the image: the
     same content at two places gives two tokens, and the same place on grids of two resolutions the same addition;
@@ -188,14 +202,13 @@ def test_image_token_positions_add_a_learned_map_of_each_tokens_place():
     with torch.no_grad():
         tokens = connector(features[:, :96], (8, 12), 2, (4, 6))
         added = tokens - plain(features[:, :96], (8, 12), 2, (4, 6))
-        torch.testing.assert_close(added[0], connector.token_position(grid_position_embedding(4, 6, 128)))
+        torch.testing.assert_close(added[0], grid_position_embedding(4, 6, 128) @ connector.token_position.weight.T)
         assert (tokens[0, 0] - tokens[0, 1]).abs().max() > 1e-3
         small, large = (connector(features[:, : h * h], (h, h), 2, (h // 2, h // 2))
                         - plain(features[:, : h * h], (h, h), 2, (h // 2, h // 2)) for h in (4, 12))
     # token (0, 0) of a 2 x 2 grid and token (1, 1) of a 6 x 6 grid both sit at (1/4, 1/4) of their image
     torch.testing.assert_close(small[0, 0], large[0, 1 * 6 + 1])
     assert connector.token_position is not None and plain.token_position is None
-    assert make_model(connector="perceiver", image_token_positions=True).connector.token_position is None
 
 
 def test_shared_cell_encoder_needs_factors_that_are_multiples_of_the_smallest():
