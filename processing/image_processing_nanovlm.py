@@ -698,6 +698,15 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         unknown = set(overrides) - set(self.plan_fields)
         if unknown:
             raise TypeError(f"unknown plan setting(s) {sorted(unknown)}; valid: {list(self.plan_fields)}")
+        fixed = [name for name in MODEL_SETTINGS if overrides.get(name) is not None
+                 and not _same_setting(overrides[name], getattr(self, name))]
+        if fixed:
+            raise ValueError(
+                f"{', '.join(f'{name}={overrides[name]!r}' for name in fixed)} per call: the model's weights fix "
+                f"{'these' if len(fixed) > 1 else 'this'}, a call cannot change {'them' if len(fixed) > 1 else 'it'}. "
+                "Build the processor from the model's config: NanoVLMImageProcessor.from_model_config(model.config, "
+                "max_image_tokens=...); per call, change the budget(s), max_image_size, snapping or pixel settings"
+            )
         settings = {name: getattr(self, name) for name in self.plan_fields}
         settings.update({k: v for k, v in overrides.items() if v is not None})
         settings["shuffle_factors"] = tuple(settings["shuffle_factors"])

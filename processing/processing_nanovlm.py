@@ -7,7 +7,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 
-from .image_processing_nanovlm import ImageInputError, NanoVLMImageProcessor
+from .image_processing_nanovlm import MODEL_SETTINGS, ImageInputError, NanoVLMImageProcessor
 
 IMAGE_TOKEN = "<image>"
 
@@ -46,16 +46,19 @@ class ImageTextMismatchError(ValueError):
 
 
 class NanoVLMImagesKwargs(ImagesKwargs, total=False):
-    """The image plan's fields, overridable per call (`processor(..., max_image_tokens=256)`)."""
+    """The image plan's fields a call may change (`processor(..., max_image_tokens=256)`), and those the model's
+    weights fix (connector, factors, latents, patch size), declared so that passing one per call reaches the image
+    processor and is refused there with the way to build a processor for that model."""
 
     max_image_tokens: int | None
     max_image_tokens_per_sample: int | None
     max_image_size: int | None
+    snap_sizes: list[int] | tuple[int, ...] | None
+    snap_aspect_ratios: list[float] | tuple[float, ...] | None
     shuffle_factors: list[int] | tuple[int, ...] | None
     connector: str | None
     perceiver_latents: int | None
-    snap_sizes: list[int] | tuple[int, ...] | None
-    snap_aspect_ratios: list[float] | tuple[float, ...] | None
+    patch_size: int | None
 
 
 class NanoVLMProcessorKwargs(ProcessingKwargs, total=False):
@@ -208,10 +211,10 @@ class NanoVLMProcessor(ProcessorMixin):
             unknown |= set(kwargs.get(group) or {}) - known
         unknown = sorted(unknown)
         if unknown:
-            plan_fields = sorted(NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys())
+            per_call = NanoVLMImagesKwargs.__annotations__.keys() - ImagesKwargs.__annotations__.keys()
             raise TypeError(
                 f"unknown plan setting(s) {unknown}: neither a tokenizer argument nor one of the image plan's "
-                f"fields {plan_fields}"
+                f"fields a call may change {sorted(per_call - set(MODEL_SETTINGS))}"
             )
         # The tokenizer's saved padding side is "right"; the processor's left default (for generation) wins
         # unless the call asks otherwise.

@@ -425,3 +425,18 @@ def test_save_pretrained_refuses_a_processor_that_does_not_fit_the_model(tmp_pat
     fitting = NanoVLMProcessor(NanoVLMImageProcessor.from_model_config(model.config), processor.tokenizer)
     model.save_pretrained(tmp_path / "good", processor=fitting)
     assert (tmp_path / "good" / "processor_config.json").exists()
+
+
+@pytest.mark.parametrize("setting", [{"connector": "perceiver"}, {"shuffle_factors": [2, 4]}, {"patch_size": 14},
+                                     {"perceiver_latents": 8, "connector": "perceiver"}])
+def test_settings_the_weights_fix_cannot_change_per_call(processor, setting):
+    """The connector, its factors and latents and the patch size come from the model config; a call may change the
+    budget(s), max_image_size, snapping and pixel settings. The processor's own values are no change."""
+    image = np.zeros((64, 96, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"per call: the model's weights fix .*from_model_config\(model\.config"):
+        processor(text=["<image>hi"], images=[image], **setting)
+    with pytest.raises(ValueError, match="from_model_config"):
+        processor.image_processor.num_image_tokens(64, 96, **setting)
+    same = {name: getattr(processor.image_processor, name) for name in setting}
+    assert processor.image_processor.num_image_tokens(64, 96, **same) == processor.image_processor.num_image_tokens(
+        64, 96)
