@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "budgets) or 'perceiver' (a fixed number of tokens per image, whatever the budget)")
     digits.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                         help="change one RECIPE value (JSON: 256, 1e-3, [2, 4], null); repeatable")
-    digits.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="deprecated alias of --recipe")
     digits.add_argument("--min_side", type=int, help="smallest canvas side (px)")
 
     real = parser.add_argument_group("real backbones on a real dataset (finetune_dataset.py)")
@@ -82,9 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "cores); on cores shared with other busy jobs, 1 avoids oversubscription (2 ran 7-30x slower)")
     args = parser.parse_args(argv)
 
-    if args.set:
-        warnings.warn("--set is deprecated; use --recipe KEY=VALUE", FutureWarning, stacklevel=2)
-        args.recipe = args.set + args.recipe
     given = [args.vision_model, args.text_model, args.dataset]
     if any(given) and not all(given):
         parser.error("--vision_model, --text_model and --dataset go together")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from .image_processing_nanovlm import ImageInputError
 from .processing_nanovlm import IMAGE_TOKEN
@@ -295,24 +293,6 @@ class NanoVLMCollator:
             raise BadRowError(f"{name}: the conversation starts with an assistant turn; it needs a prompt first")
         if not any(message["role"] == "assistant" and message["content"] for message in messages):
             raise BadRowError(f"{name}: no non-empty assistant turn, so nothing to learn from")
-
-    # --- chat -> text ---------------------------------------------------------------------------------------
-
-    def render(self, messages: list[dict], name: str | int = 0) -> tuple[str, list[tuple[int, int]]]:
-        """Deprecated: the chat as text, and the character spans the chat template marks as the assistant's (each
-        answer through its end-of-turn token). The collator no longer needs it: it reads the marks as
-        `processor.apply_chat_template(..., return_assistant_tokens_mask=True)` returns them."""
-        warnings.warn(
-            "NanoVLMCollator.render is deprecated and will be removed: the labels come from the chat template's "
-            "{% generation %} marks (processor.apply_chat_template(..., return_assistant_tokens_mask=True))",
-            FutureWarning,
-            stacklevel=2,
-        )
-        (text,), (spans,) = render_jinja_template(
-            [list(messages)], chat_template=_marked_chat_template(self.processor), return_assistant_tokens_mask=True,
-            **self.tokenizer.special_tokens_map,
-        )
-        return text, [tuple(span) for span in spans]
 
     # --- text lengths --------------------------------------------------------------------------------------
 

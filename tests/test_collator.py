@@ -297,16 +297,3 @@ def test_a_chat_template_without_generation_marks_is_a_clear_error(processor):
     custom.chat_template = unmarked  # changed after construction: refused at the next batch
     with pytest.raises(ValueError, match="does not mark the assistant's answers"):
         collator([{"image": image(32, 32), "prompt": "Which digit?", "answer": "7"}])
-
-
-def test_render_is_deprecated_and_still_gives_the_answer_spans(collator):
-    messages = [
-        {"role": "user", "content": "<image>Which digit?"},
-        {"role": "assistant", "content": "7"},
-        {"role": "user", "content": "Where?"},
-        {"role": "assistant", "content": "top left"},
-    ]
-    with pytest.warns(FutureWarning, match="render is deprecated"):
-        text, spans = collator.render(messages)
-    assert text == collator.processor.apply_chat_template(messages)
-    assert [text[start:end] for start, end in spans] == ["7<|im_end|>", "top left<|im_end|>"]

@@ -347,7 +347,7 @@ def test_perceiver_recipe_has_a_fixed_token_count_and_no_budget_draw():
         digits_recipe.recipe_from_args(finetune.parse_args(["--recipe", "budget=3"]))
 
 
-def test_recipe_flags_change_recipe_values_and_set_is_a_deprecated_alias():
+def test_recipe_flags_change_recipe_values():
     args = finetune.parse_args(["--recipe", "max_side=256", "--recipe", "shuffle_factors=[2, 4]", "--batch_size", "4"])
     recipe = digits_recipe.recipe_from_args(args)
     assert recipe["max_side"] == 256 and recipe["shuffle_factors"] == (2, 4) and recipe["batch_size"] == 4
@@ -355,9 +355,6 @@ def test_recipe_flags_change_recipe_values_and_set_is_a_deprecated_alias():
                                                                        "connector")} == {
         key: value for key, value in digits_recipe.RECIPE.items() if key not in ("max_side", "shuffle_factors",
                                                                                   "batch_size")}
-    with pytest.warns(FutureWarning, match="--set is deprecated"):
-        old = finetune.parse_args(["--set", "noise=0.05"])
-    assert digits_recipe.recipe_from_args(old)["noise"] == 0.05
     with pytest.raises(SystemExit, match="must be JSON"):
         digits_recipe.recipe_from_args(finetune.parse_args(["--recipe", "shuffle_factors=(2, 4)"]))
     with pytest.raises(SystemExit):  # the recipe belongs to the built-in task
