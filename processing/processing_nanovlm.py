@@ -39,9 +39,10 @@ CHAT_TEMPLATE = (
 # An LM's own chat template, kept: `chat_template_for` wraps it so that it also takes image parts and marks the
 # assistant's answers with `{% generation %}`, while a text-only conversation renders exactly as the LM's tokenizer
 # renders it (its default system prompt included). Before the LM's template runs, list contents become strings
-# (an image part -> `<image>`) and each assistant answer is bracketed by two control characters; the LM's output
-# is captured, and the brackets are replaced by a `{% generation %}` block holding the answer and the end-of-turn
-# token that follows it (the same span CHAT_TEMPLATE marks).
+# (an image part -> `<image>`) and each assistant answer is bracketed by two control characters (inside its
+# leading and trailing whitespace, so that a template that trims contents renders the same); the LM's output is
+# captured, and the brackets are replaced by a `{% generation %}` block holding the answer and the end-of-turn token
+# that follows it (the span CHAT_TEMPLATE marks).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 _TEMPLATE_BEFORE = (
     "{%- set nanovlm = namespace(messages=[]) -%}"
@@ -56,7 +57,9 @@ _TEMPLATE_BEFORE = (
     "{%- set content = text.value -%}"
     "{%- endif -%}"
     "{%- if message['role'] == 'assistant' and content is string and nanovlm_mark_answers -%}"
-    "{%- set content = '\\x02' + content + '\\x03' -%}"
+    "{%- set core = content.strip() -%}"
+    "{%- set lead = (content | length) - (content.lstrip() | length) -%}"
+    "{%- set content = content[:lead] + '\\x02' + core + '\\x03' + content[lead + (core | length):] -%}"
     "{%- endif -%}"
     "{%- set nanovlm.messages = nanovlm.messages + [dict(message, content=content)] -%}"
     "{%- endfor -%}"
@@ -69,7 +72,9 @@ _TEMPLATE_AFTER = (
     "{%- set answer, rest = (piece.split('\\x03', 1) + [''])[:2] -%}"
     "{%- set turn = namespace(end='') -%}"
     "{%- for token in nanovlm_end_of_turn -%}"
-    "{%- if not turn.end and rest.startswith(token) -%}{%- set turn.end = token -%}{%- endif -%}"
+    "{%- if not turn.end and rest.lstrip().startswith(token) -%}"
+    "{%- set turn.end = rest[:(rest | length) - (rest.lstrip() | length) + (token | length)] -%}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- generation -%}{{- answer + turn.end -}}{%- endgeneration -%}"
     "{{- rest[(turn.end | length):] -}}"
