@@ -208,7 +208,8 @@ def test_a_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
 
     (tmp_path / "lm.gguf").write_bytes(b"")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
     with pytest.raises(ImportError, match=r"nanovlm\[gguf\]"):
         load_language_model(tmp_path / "lm.gguf")
     with pytest.raises(ImportError, match=r"nanovlm\[gguf\]"):

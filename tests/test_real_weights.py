@@ -5,12 +5,13 @@ labels, a fresh-process Auto reload, PEFT LoRA and TRL's SFTTrainer. A tiny rand
 import numpy as np
 import pytest
 import torch
-from test_clients import LORA_TARGETS, chat_rows, sft_trainer  # tests/ is on sys.path (pytest's rootdir insertion)
-from test_export import run_fresh
 from transformers import AutoModelForCausalLM, AutoTokenizer, DINOv3ViTConfig, DINOv3ViTModel
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration
 from processing import NanoVLMCollator, NanoVLMProcessor
+
+from test_clients import LORA_TARGETS, chat_rows, sft_trainer  # tests/ is on sys.path (pytest's rootdir insertion)
+from test_export import run_fresh
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
