@@ -1,4 +1,5 @@
-"""Loading the pretrained LM `from_backbones` starts from: a Hub id, a folder, or a GGUF file.
+"""Loading the parts `from_backbones` starts from: the LM from a Hub id, a folder or a GGUF file; the vision tower
+from a DINOv3 checkpoint, a saved nanoVLM (its tower), or a config (random, to train from scratch).
 
 Build time only: nothing here runs when a saved nanoVLM is loaded or used, and the `gguf` package is needed only
 when a GGUF file is given (the optional extra `nanovlm[gguf]`).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 GGUF_EXTRA = "the `gguf` package (pip install 'nanovlm[gguf]', or pip install gguf)"
 
@@ -70,3 +71,13 @@ def load_language_model(text_model, gguf_file: str | None = None):
     model.generation_config = loaded.generation_config
     model.config.name_or_path = str(Path(folder) / gguf_file)
     return model.eval()
+
+
+def load_vision_tower(vision_model):
+    """A DINOv3 tower: pretrained (Hub id or folder), the tower of a saved nanoVLM folder, or random from a config."""
+    if isinstance(vision_model, PretrainedConfig):
+        return AutoModel.from_config(vision_model)
+    if AutoConfig.from_pretrained(vision_model).model_type == "nanovlm":
+        # a previous nanoVLM run's tower; its connector fits that run's LM width only, so it stays behind
+        return AutoModel.from_pretrained(vision_model).vision_tower
+    return AutoModel.from_pretrained(vision_model)

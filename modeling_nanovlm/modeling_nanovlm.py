@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -601,6 +601,9 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
     ):
         """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
 
+        `vision_model` may also be a saved nanoVLM folder (its tower is taken) or a `DINOv3ViTConfig` (a random tower,
+        trained from scratch).
+
         `text_model` may also be a GGUF file (`*.gguf`, or a folder with `gguf_file=` naming the file in it; needs
         the `gguf` package): its weights are de-quantised into a plain, saveable model and its tokenizer is read
         from the file. The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the
@@ -609,9 +612,13 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         `NanoVLMConfig` fields (`shuffle_factors=[2, 4]`, `connector="perceiver"`, ...); the matching processor
         reads them from the model: `NanoVLMProcessor.from_backbones(text_model, model_config=model.config, ...)`.
         """
-        from .backbones import load_language_model, load_tokenizer  # build time only: not on a loaded model's path
+        from .backbones import (  # build time only: not on a loaded model's path
+            load_language_model,
+            load_tokenizer,
+            load_vision_tower,
+        )
 
-        vision = AutoModel.from_pretrained(vision_model)
+        vision = load_vision_tower(vision_model)
         language = load_language_model(text_model, gguf_file)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(text_model, gguf_file)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -638,7 +645,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         model.generation_config = language.generation_config
         model.suppress_undecodable_tokens(len(tokenizer))
         text_source = str(Path(text_model) / gguf_file) if gguf_file else str(text_model)
-        model.config.base_models = [str(vision_model), text_source]
+        pretrained_tower = [] if isinstance(vision_model, PretrainedConfig) else [str(vision_model)]
+        model.config.base_models = [*pretrained_tower, text_source]
         return model
 
     def suppress_undecodable_tokens(self, tokenizer_size: int) -> None:
