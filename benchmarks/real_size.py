@@ -131,13 +131,18 @@ def run_settings(settings: list[dict]) -> list[dict]:
 
 
 def run(budgets, threads: int, timeout: int = 1800) -> dict:
+    import os
+
+    load_before = os.getloadavg()
     settings = [dict(kind="train", budget=budget, bf16=bf16, checkpointing=ckpt, threads=threads, timeout=timeout)
                 for budget in budgets for bf16 in (False, True) for ckpt in (False, True)]
     train = run_settings(settings)
     generate = run_settings([dict(kind="generate", budget=256, bf16=bf16, threads=threads, timeout=timeout)
                              for bf16 in (False, True)])
+    # other processes on shared cores slow single steps down unevenly: the load says how much to trust the times
+    load = [round(value, 2) for value in (*load_before, *os.getloadavg())]
     return {"environment": environment(), "threads": threads, "image_hw": list(IMAGE_HW), "train": train,
-            "generate": generate}
+            "generate": generate, "load_average_before_after": load}
 
 
 def report(figures: dict) -> str:
