@@ -185,6 +185,60 @@ def build_digits_model(recipe: dict, seed: int, corpus: list[str] | None = None)
     return model, processor
 
 
+# Text-only questions the real LM answers before and after learning to see: with the LM frozen, the same answers.
+TEXT_QUESTIONS = (
+    "What is the capital of France?", "How many days are in a week?", "What colour is the sky on a clear day?",
+    "What is 7 plus 5?", "Name a fruit that is yellow.", "What do bees make?", "What is the opposite of hot?",
+    "How many legs does a spider have?", "What is the largest planet in the solar system?",
+    "Which animal is known as the king of the jungle?", "What is water made of?", "What is 9 times 3?",
+    "What language is spoken in Spain?", "What season comes after winter?", "What is the boiling point of water?",
+    "Who wrote Romeo and Juliet?", "What shape has three sides?", "What is the first letter of the alphabet?",
+    "How many minutes are in an hour?", "What do plants need to grow?",
+)
+
+
+def build_real_lm_model(recipe: dict, seed: int, text_model: str, vision_model: str | None = None):
+    """A pretrained LM (folder, Hub id or GGUF file), frozen, with a tower from scratch (the recipe's shape) or taken
+    from `vision_model` (a saved nanoVLM's tower, or a DINOv3 checkpoint), and the recipe's connector."""
+    processor = NanoVLMProcessor.from_backbones(text_model)  # the LM's tokenizer and chat template
+    connector_settings = {name: recipe[name] for name in (
+        "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
+        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries", "cell_context_kernel",
+        "token_context_kernel", "image_token_positions")}
+    tower = vision_model or tiny_config(vision=dict(
+        num_hidden_layers=recipe["vision_layers"], hidden_size=recipe["vision_hidden"],
+        intermediate_size=4 * recipe["vision_hidden"], initializer_range=recipe["init_range"])).vision_config
+    torch.manual_seed(seed)
+    model = NanoVLMForConditionalGeneration.from_backbones(tower, text_model, tokenizer=processor.tokenizer,
+                                                           initializer_range=recipe["init_range"], **connector_settings)
+    for parameter in [*model.language_model.parameters(), *model.lm_head.parameters()]:
+        parameter.requires_grad_(False)  # the LM keeps what it knows; tower and connector learn to speak to it
+    processor.image_processor = NanoVLMImageProcessor.from_model_config(
+        model.config, max_image_tokens=recipe["max_image_tokens"],
+        max_image_size=recipe["max_image_size"] or recipe["max_side"],
+    )
+    set_generation_tokens(model, processor.tokenizer)
+    return model, processor
+
+
+def text_answers(model, processor, max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to TEXT_QUESTIONS (no image), through the processor's chat template."""
+    prompts = [processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+               for question in TEXT_QUESTIONS]
+    model.eval()
+    with torch.no_grad():
+        inputs = processor(text=prompts, return_tensors="pt").to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def print_text_answers(title: str, answers: list[str]) -> None:
+    print(title)
+    for question, answer in zip(TEXT_QUESTIONS, answers):
+        print(f"  Q: {question}  A: {answer}")
+
+
 def describe_model(model, recipe: dict) -> str:
     """One line: parameter count, connector, budget and the budgets batches draw from."""
     budgets = list(recipe["train_budgets"]) if recipe["train_budgets"] else None
@@ -218,7 +272,13 @@ def run(args) -> dict:
     recipe = recipe_from_args(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = build_digits_model(recipe, args.seed)
+    text_model = getattr(args, "text_model", None)
+    if text_model:
+        model, processor = build_real_lm_model(recipe, args.seed, text_model, args.vision_model)
+        answers_before = text_answers(model, processor)
+        print_text_answers(f"text-only answers of {text_model} before training:", answers_before)
+    else:
+        model, processor = build_digits_model(recipe, args.seed)
     print(describe_model(model, recipe))
 
     split = load_split()
@@ -252,6 +312,13 @@ def run(args) -> dict:
     metrics = evaluate(model, processor, rows, recipe, args.max_new_tokens or 8)
     metrics.update(train_seconds=round(train_seconds, 1), train_samples=int(train_samples),
                    final_loss=last_loss(trainer.state.log_history), seed=args.seed)
+    if text_model:
+        answers_after = text_answers(model, processor)
+        print_text_answers("text-only answers after training:", answers_after)
+        unchanged = sum(a == b for a, b in zip(answers_before, answers_after))
+        print(f"{unchanged} of {len(answers_after)} text-only answers unchanged")
+        metrics.update(text_model=str(text_model), vision_model=args.vision_model, text_answers=answers_after,
+                       text_answers_unchanged=unchanged)
     sides = [(epoch * steps_per_epoch, schedule(epoch)[1]) for epoch in range(num_epochs)]
     sides.append((recipe["max_steps"], sides[-1][1]))
     write_report(metrics, trainer.state.log_history, sides, output_dir, recipe)

@@ -3,6 +3,7 @@
     python examples/finetune.py                      # the built-in task, from scratch (a few minutes on 2 CPU cores)
     python examples/finetune.py --output_dir DIR --max_steps N --seed S
     python examples/finetune.py --recipe max_side=256 --recipe shuffle_factors=[2,4]   # change the recipe
+    python examples/finetune.py --text_model LM.gguf [--vision_model RUN/model]   # a real LM learns the digits
     python examples/finetune.py --vision_model V --text_model T --dataset D   # real backbones on a real dataset
     python examples/finetune.py --vision_model V --text_model T --dataset HuggingFaceM4/the_cauldron \\
         --dataset_config vqav2 [--skip_bad_rows] [--num_proc 8]          # a Cauldron / FineVision subset
@@ -12,6 +13,9 @@ This file reads the command line and hands over to one of two recipes:
     (`digits.py`) across image-token budgets; `RECIPE` there holds the tuned values, `--recipe KEY=VALUE` changes
     any of them. Writes `metrics.json` (held-out accuracy at the default budget, and `budget_curve`: accuracy and
     mean image tokens at budgets 144 / 64 / 36 / 16), `loss_curve.png`, `budget_curve.png` and `model/`.
+    With `--text_model` (a folder, Hub id or GGUF file) the LM is that pretrained one, frozen, and the tower is
+    trained from scratch or taken from `--vision_model` (a saved nanoVLM's tower, or a DINOv3 checkpoint); its
+    greedy answers to 20 text-only questions are printed before and after training (metrics: text_answers_unchanged).
   - `finetune_dataset.py` (--vision_model, --text_model, --dataset): real backbones fine-tuned on a real dataset;
     writes `metrics.json` (held-out exact match), `loss_curve.png` and `model/`.
 `model/` holds the model, the processor and a model card, loadable with `AutoModelForImageTextToText` /
@@ -50,8 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     digits.add_argument("--min_side", type=int, help="smallest canvas side (px)")
 
     real = parser.add_argument_group("real backbones on a real dataset (finetune_dataset.py)")
-    real.add_argument("--vision_model", help="DINOv3 checkpoint (Hub id or folder) to fine-tune")
-    real.add_argument("--text_model", help="Llama-family LM with its tokenizer (Hub id or folder) to fine-tune")
+    real.add_argument("--vision_model", help="DINOv3 checkpoint (Hub id or folder) to fine-tune; on the built-in "
+                      "task also a saved nanoVLM folder, whose tower is taken")
+    real.add_argument("--text_model", help="Llama-family LM with its tokenizer (Hub id, folder, or a .gguf file) to "
+                      "fine-tune; without --dataset it learns the built-in task, frozen")
     real.add_argument("--dataset", help="datasets.load_dataset name, a data folder, or a save_to_disk folder, "
                       "with an image/images column and Cauldron/FineVision 'texts' turns, messages, or "
                       "question/prompt + answer")
@@ -79,9 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "cores); on cores shared with other busy jobs, 1 avoids oversubscription (2 ran 7-30x slower)")
     args = parser.parse_args(argv)
 
-    given = [args.vision_model, args.text_model, args.dataset]
-    if any(given) and not all(given):
-        parser.error("--vision_model, --text_model and --dataset go together")
+    if args.dataset and not (args.vision_model and args.text_model):
+        parser.error("--dataset needs --vision_model and --text_model")
+    if args.vision_model and not args.text_model:
+        parser.error("--vision_model goes with --text_model (the built-in task's own model has no pretrained parts)")
     if (args.dataset_config or args.skip_bad_rows or args.num_proc) and not args.dataset:
         parser.error("--dataset_config, --skip_bad_rows and --num_proc apply to --dataset")
     if args.dataset and (args.recipe or args.min_side or args.connector != "shuffle"):

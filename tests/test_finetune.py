@@ -160,6 +160,32 @@ def test_real_backbones_on_a_local_dataset(tmp_path):
     assert torch.allclose(start, tuned, atol=1e-2) and not torch.allclose(start, torch.zeros_like(start))
 
 
+def test_a_pretrained_lm_learns_the_built_in_task(tmp_path):
+    """`--text_model` alone: the digits task with that LM, frozen, and a tower from scratch; then a second run
+    taking the first run's tower (`--vision_model` a saved nanoVLM). Text-only answers are printed before/after."""
+    _, text = make_backbones(tmp_path)
+    settings = ["--max_steps", 2, "--batch_size", 4, "--train_samples", 8, "--eval_samples", 4, "--max_new_tokens", 3,
+                "--recipe", "eval_budgets=[64]", "--recipe", "max_side=128"]
+    out = tmp_path / "run"
+    stdout = run_finetune("--text_model", tmp_path / "text", "--output_dir", out, *settings)
+    metrics = check_artifacts(out, ["digit_accuracy", "quadrant_accuracy"])
+    assert "text-only answers of" in stdout and "text-only answers after training:" in stdout
+    assert metrics["text_answers_unchanged"] == len(digits_recipe.TEXT_QUESTIONS)  # the LM is frozen
+    assert (out / "budget_curve.png").is_file()
+    model, _ = load_saved(out / "model")
+    for name, tensor in text.model.state_dict().items():
+        if name != "embed_tokens.weight":  # (resized for <image>)
+            assert torch.equal(model.language_model.state_dict()[name], tensor), name
+
+    second = tmp_path / "second"
+    run_finetune("--text_model", tmp_path / "text", "--vision_model", out / "model", "--output_dir", second,
+                 "--max_steps", 1, *settings[2:])
+    reloaded, _ = load_saved(second / "model")
+    first_tower = model.vision_tower.embeddings.patch_embeddings.weight
+    assert reloaded.config.vision_config.hidden_size == model.config.vision_config.hidden_size
+    assert torch.allclose(reloaded.vision_tower.embeddings.patch_embeddings.weight, first_tower, atol=1e-2)
+
+
 def test_dataset_rows_with_messages(tmp_path):
     import datasets
 
@@ -185,9 +211,12 @@ def test_dataset_rows_with_messages(tmp_path):
     assert len(row_images) == 1 and reference in names
 
 
-def test_real_path_needs_all_three_flags():
+def test_real_path_flags():
     with pytest.raises(SystemExit):
         finetune.parse_args(["--vision_model", "x"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--dataset", "d", "--text_model", "t"])
+    assert finetune.parse_args(["--text_model", "lm.gguf"]).text_model == "lm.gguf"  # the built-in task, real LM
     args = finetune.parse_args([])
     assert args.output_dir == "outputs/digits" and args.max_steps is None and args.push_to_hub is None
     assert finetune.parse_args(["--push_to_hub", "me/nanovlm-digits"]).push_to_hub == "me/nanovlm-digits"
