@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
+from transformers.models.auto.tokenization_auto import get_tokenizer_config, tokenizer_class_from_name
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 
@@ -253,31 +254,33 @@ class NanoVLMProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NanoVLMProcessor":
-        """Load the image processor as this module's own class, then the rest as transformers does.
+        """Load the sub-processors here, then the rest as transformers does; it never asks "run the custom code?".
 
-        Through AutoImageProcessor (transformers' default) the auto_map written for Hub export counts as remote code:
-        a local `from_pretrained` would demand `trust_remote_code`, and remote loading would pair the processor with
-        a second copy of the module. A sub-processor passed in is used as it is (transformers >= 5.25 takes it from
-        `kwargs`; `_get_arguments_from_pretrained` hands it on for 5.24).
+        - the image processor as this module's own class: through AutoImageProcessor (transformers' default) the
+          auto_map written for Hub export counts as remote code, so a local `from_pretrained` would demand
+          `trust_remote_code`, and remote loading would pair the processor with a second copy of the module;
+        - the tokenizer as the class its tokenizer_config.json names: AutoTokenizer would read the folder's
+          config.json first, whose auto_map makes it ask "Do you wish to run the custom code? [y/N]".
+
+        A sub-processor passed in is used as it is (transformers >= 5.25 takes them from `kwargs`;
+        `_get_arguments_from_pretrained` hands them on for 5.24).
         """
+        hub_kwargs = {key: value for key, value in kwargs.items()
+                      if key not in ("trust_remote_code", "image_processor", "tokenizer", "return_unused_kwargs")}
         if kwargs.get("image_processor") is None:
-            kwargs["image_processor"] = cls._own_image_processor(pretrained_model_name_or_path, **kwargs)
+            kwargs["image_processor"] = NanoVLMImageProcessor.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+        if kwargs.get("tokenizer") is None:
+            named = get_tokenizer_config(pretrained_model_name_or_path, **hub_kwargs).get("tokenizer_class")
+            tokenizer_class = (named and tokenizer_class_from_name(named)) or AutoTokenizer
+            kwargs["tokenizer"] = tokenizer_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """transformers 5.24's hook: the image processor `from_pretrained` loaded, and the tokenizer with every
-        argument, `trust_remote_code` included (its AutoConfig lookup reads our config.json, whose auto_map would
-        otherwise make it ask "Do you wish to run the custom code? [y/N]")."""
-        image_processor = kwargs.pop("image_processor")
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
-        return [image_processor, tokenizer]
-
-    @staticmethod
-    def _own_image_processor(pretrained_model_name_or_path, **kwargs) -> NanoVLMImageProcessor:
-        ignored = {"trust_remote_code", "image_processor", "tokenizer", "return_unused_kwargs"}
-        image_processor_kwargs = {key: value for key, value in kwargs.items() if key not in ignored}
-        return NanoVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_processor_kwargs)
+        """transformers 5.24's hook: the sub-processors `from_pretrained` loaded."""
+        return [kwargs.pop("image_processor"), kwargs.pop("tokenizer")]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, without its side effect on this processor: saving remote code sets `auto_map` on the

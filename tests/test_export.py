@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,23 @@ def test_fresh_process_auto_processor_gives_identical_inputs(saved):
         cwd=saved.parent,
     )
     assert "identical" in out
+
+
+def test_our_processor_class_loads_a_model_folder_without_asking(saved):
+    """`NanoVLMProcessor.from_pretrained(model folder)` with only the processing package imported: the folder's
+    config.json carries an auto_map, which AutoTokenizer would read and ask "run the custom code? [y/N]" about."""
+    script = f"""
+from processing import NanoVLMProcessor
+processor = NanoVLMProcessor.from_pretrained({str(saved)!r})
+print(type(processor.image_processor).__module__, processor.image_processor.max_image_tokens)
+"""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["processing.image_processing_nanovlm", "48"]
+    assert "custom code" not in result.stdout + result.stderr
+    assert "instantiate a model of type" not in result.stderr
 
 
 def test_importing_the_package_registers_the_auto_classes(saved):
