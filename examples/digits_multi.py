@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
     recipe = dict(RECIPE, connector="shuffle", max_side=256, max_image_tokens=64, train_budgets=None)
     if args.init_model:
         model = NanoVLMForConditionalGeneration.from_pretrained(args.init_model)
-        processor = NanoVLMProcessor.from_pretrained(args.init_model)
+        # without trust_remote_code transformers 5.25 asks y/N for the folder's image processor (ours either way)
+        processor = NanoVLMProcessor.from_pretrained(args.init_model, trust_remote_code=True)
         max_steps, learning_rate = args.max_steps or 400, args.learning_rate or 5e-4
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters from {args.init_model} "
               f"(per-image budget {processor.image_processor.max_image_tokens}); per-sample budgets drawn from "
