@@ -34,12 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from digits import load_split, render, sample_layout, tokenizer_corpus  # noqa: E402
 from digits_recipe import RECIPE, build_digits_model, describe_model  # noqa: E402
-from training_tools import chat_prompt, generate_answers, make_optimizer, training_arguments  # noqa: E402
+from training_tools import generate_answers, make_optimizer, training_arguments  # noqa: E402
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer  # noqa: E402
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMProcessor  # noqa: E402
 
 QUESTION = "Which digits are shown, in order?"
+
+
+def multi_prompt(count: int, label_images: bool = False) -> str:
+    """The user turn for `count` images: the images, then the question. With `label_images` each image comes after
+    "Image k: " (as multi-image VLM prompts often do): the LM's positions are 1-D and an image's tokens carry no
+    mark of which image they belong to, so the labels are what it can tell the second image from the third by."""
+    if label_images:
+        return "".join(f"Image {k}: <image>\n" for k in range(1, count + 1)) + QUESTION
+    return "<image>" * count + QUESTION
 EVAL_SEED = 4321  # held-out prompts are the same on every run
 
 
@@ -51,8 +60,9 @@ class MultiDigitsTask:
     """
 
     def __init__(self, images, labels, *, seed=0, length=None, min_images=2, max_images=4, min_side=96,
-                 max_side=256, digit_min=56, digit_max=88, margin=8):
+                 max_side=256, digit_min=56, digit_max=88, margin=8, label_images=False):
         self.images, self.labels, self.seed = images, labels, int(seed)
+        self.label_images = label_images
         self.length = int(length or len(labels))
         self.counts = (min_images, max_images)
         self.sides = (min_side, max_side)
@@ -85,7 +95,7 @@ class MultiDigitsTask:
         rng = np.random.default_rng([self.seed, self.epoch, 2, index])
         return {
             "images": [render(self.images[d], layout, rng) for d, layout in zip(digits, layouts)],
-            "prompt": QUESTION,
+            "prompt": multi_prompt(len(digits), self.label_images),
             "answer": " ".join(str(int(self.labels[d])) for d in digits),
         }
 
@@ -104,13 +114,15 @@ def parse_args(argv=None):
     parser.add_argument("--train_budgets", type=int, nargs="+", default=[288, 144, 64, 32])
     parser.add_argument("--eval_budgets", type=int, nargs="+", default=[288, 144, 64])
     parser.add_argument("--eval_samples", type=int, default=120, help="held-out prompts of 4 images each")
+    parser.add_argument("--label_images", action="store_true",
+                        help='write "Image k: " before each image in the prompt')
     parser.add_argument("--threads", type=int)
     return parser.parse_args(argv)
 
 
 def evaluate(model, processor, rows, budgets) -> dict:
     """Per budget per prompt: the share of digits right (in their place), whole answers right, mean image tokens."""
-    prompts = [chat_prompt(processor, QUESTION).replace("<image>", "<image>" * len(row["images"]), 1)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
                for row in rows]
     curve = {}
     for budget in budgets:
@@ -186,12 +198,13 @@ def main(argv=None) -> dict:
         print(describe_model(model, recipe) + f"; per-sample budgets drawn from {args.train_budgets}")
 
     split = load_split()
-    train = MultiDigitsTask(*split["train"], seed=args.seed)
+    train = MultiDigitsTask(*split["train"], seed=args.seed, label_images=args.label_images)
     training_args = training_arguments(output_dir, max_steps, args.batch_size, learning_rate, recipe["warmup_ratio"],
                                        args.seed)
     collator = NanoVLMCollator(processor)
     text_lengths = [collator.text_length({**row_text, "images": None}) for row_text in
-                    ({"prompt": QUESTION, "answer": " ".join("7" * len(sizes))} for sizes in train.sizes())]
+                    ({"prompt": multi_prompt(len(sizes), args.label_images), "answer": " ".join("7" * len(sizes))}
+                     for sizes in train.sizes())]
     sampler = BucketBatchSampler(train.sizes(), text_lengths, processor.image_processor, batch_size=args.batch_size,
                                  seed=args.seed, budgets=args.train_budgets,
                                  budget_setting="max_image_tokens_per_sample", sizes_for_epoch=train.sizes_for_epoch)
@@ -203,7 +216,8 @@ def main(argv=None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - started
 
-    test = MultiDigitsTask(*split["test"], seed=EVAL_SEED, length=args.eval_samples, min_images=4, max_images=4)
+    test = MultiDigitsTask(*split["test"], seed=EVAL_SEED, length=args.eval_samples, min_images=4, max_images=4,
+                           label_images=args.label_images)
     rows = [test[i] for i in range(len(test))]
     print(f"held-out prompts ({len(rows)}, 4 images each, digits never trained on):")
     curve = evaluate(model, processor, rows, args.eval_budgets)
@@ -211,6 +225,7 @@ def main(argv=None) -> dict:
                "eval_samples": len(rows), "train_seconds": round(train_seconds, 1),
                "train_samples": trainer.state.global_step * args.batch_size, "max_steps": max_steps,
                "learning_rate": learning_rate, "init_model": args.init_model, "train_budgets": args.train_budgets,
+               "label_images": args.label_images,
                "torch_threads": torch.get_num_threads(),
                "epochs": math.ceil(trainer.state.global_step / len(sampler)), "seed": args.seed}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
