@@ -118,8 +118,6 @@ def parse_args(argv=None):
     parser.add_argument("--eval_samples", type=int, default=120, help="held-out prompts of 4 images each")
     parser.add_argument("--label_images", action="store_true",
                         help='write "Image k: " before each image in the prompt')
-    parser.add_argument("--image_index", action="store_true",
-                        help="with --init_model: add the model's image-index embeddings (image_index_embeddings=4)")
     parser.add_argument("--threads", type=int)
     return parser.parse_args(argv)
 
@@ -188,9 +186,7 @@ def main(argv=None) -> dict:
     # 256 px canvases at factor 2: 64 tokens each, so 4 images fit 288, and 144 / 64 make them share
     recipe = dict(RECIPE, connector="shuffle", max_side=256, max_image_tokens=64, train_budgets=None)
     if args.init_model:
-        # image_index_embeddings: a new, randomly started part; the rest is the saved model
-        model = NanoVLMForConditionalGeneration.from_pretrained(
-            args.init_model, **({"image_index_embeddings": 4} if args.image_index else {}))
+        model = NanoVLMForConditionalGeneration.from_pretrained(args.init_model)
         # without trust_remote_code transformers 5.25 asks y/N for the folder's image processor (ours either way)
         processor = NanoVLMProcessor.from_pretrained(args.init_model, trust_remote_code=True)
         max_steps = args.max_steps or 800  # 400 steps at 5e-4: 38 % of the digits at 144 tokens; 800 at 1e-3: 47 %
@@ -232,7 +228,7 @@ def main(argv=None) -> dict:
                "eval_samples": len(rows), "train_seconds": round(train_seconds, 1),
                "train_samples": trainer.state.global_step * args.batch_size, "max_steps": max_steps,
                "learning_rate": learning_rate, "init_model": args.init_model, "train_budgets": args.train_budgets,
-               "label_images": args.label_images, "image_index": args.image_index,
+               "label_images": args.label_images,
                "torch_threads": torch.get_num_threads(),
                "epochs": math.ceil(trainer.state.global_step / len(sampler)), "seed": args.seed}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

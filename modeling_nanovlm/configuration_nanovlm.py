@@ -37,10 +37,6 @@ class NanoVLMConfig(PreTrainedConfig):
     image_token_positions (`bool`): add a learned map of each image token's 2-D place in the image (a fixed sin-cos
         embedding of its centre, relative to the image) to the token. The LM's positions are 1-D, so without it a
         token's row and column depend on the token grid's width, which changes with the image and the budget.
-    image_index_embeddings (`int`): add a learned vector for the image's place in its sample (first, second, ...;
-        images past this count share the last vector) to each of its tokens. The LM's positions are 1-D and say
-        nothing of which image a token belongs to: on the multi-image digits task a model without it read the first
-        and last images of a prompt and left the middle ones near chance. 0: none.
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     perceiver_pooled_queries (`bool`): each latent's query starts as the image's context average-pooled to a
         latents-sized grid (plus the learned latent), so every output token begins with its own region's content
@@ -81,7 +77,6 @@ class NanoVLMConfig(PreTrainedConfig):
     cell_context_kernel: int = 0
     token_context_kernel: int = 0
     image_token_positions: bool = False
-    image_index_embeddings: int = 0
     vision_rope_augmentation: bool = False
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
@@ -111,9 +106,6 @@ class NanoVLMConfig(PreTrainedConfig):
                     f"got {kernel!r}"
                 )
             setattr(self, name, int(kernel))
-        if int(self.image_index_embeddings) != self.image_index_embeddings or self.image_index_embeddings < 0:
-            raise ValueError(f"image_index_embeddings must be an integer >= 0, got {self.image_index_embeddings!r}")
-        self.image_index_embeddings = int(self.image_index_embeddings)
         if self.cell_context_kernel and not self.shared_cell_encoder:
             raise ValueError(
                 "cell_context_kernel needs shared_cell_encoder=True: its convolution runs over the encoded cells"

@@ -295,10 +295,6 @@ class NanoVLMConnector(nn.Module):
             # with every image. A learned map of each token's 2-D place (relative to the image) is added to it.
             if config.image_token_positions:
                 self.token_position = nn.Linear(text_dim, text_dim, bias=False)
-        # Which image of its sample a token belongs to (`NanoVLMModel.forward` adds it: it needs the sample rows).
-        self.image_index = None
-        if config.image_index_embeddings:
-            self.image_index = nn.Embedding(config.image_index_embeddings, text_dim)
 
     def _resample(self, context: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """(B, Gh*Gw, text_dim) context -> (B, latents, text_dim) through the Idefics2 resampler's layers."""
@@ -549,9 +545,6 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_grid_hw, image_token_hw, image_shuffle_factor)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if self.connector.image_index is not None and int(image_mask.sum()) == image_features.shape[0]:
-                index = _image_index_in_sample(image_mask, image_token_hw, self.connector.image_index.num_embeddings)
-                image_features = image_features + self.connector.image_index(index)
             source = "input_ids" if input_ids is not None else "inputs_embeds"
             inputs_embeds = self.merge_image_features(image_mask, inputs_embeds, image_features, source)
         elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
@@ -573,17 +566,6 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-
-
-def _image_index_in_sample(image_mask: torch.Tensor, image_token_hw: torch.Tensor, limit: int) -> torch.Tensor:
-    """For each image token, in the order the features come (row by row), its image's place in its row's sample:
-    0 for the first image, 1 for the second, ..., at most `limit - 1`."""
-    counts = image_token_hw.prod(-1).to(image_mask.device)
-    image_of_token = torch.repeat_interleave(torch.arange(len(counts), device=image_mask.device), counts)
-    row_of_token = image_mask.nonzero()[:, 0]
-    first_image = torch.full((image_mask.shape[0],), len(counts), device=image_mask.device)
-    first_image = first_image.scatter_reduce(0, row_of_token, image_of_token, reduce="amin")
-    return (image_of_token - first_image[row_of_token]).clamp(max=limit - 1)
 
 
 class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):

@@ -8,7 +8,7 @@ import torch
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
-from modeling_nanovlm.modeling_nanovlm import _image_index_in_sample, grid_position_embedding
+from modeling_nanovlm.modeling_nanovlm import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
 from processing.offline_tokenizer import build_tokenizer
 
@@ -198,27 +198,6 @@ def test_image_token_positions_add_a_learned_map_of_each_tokens_place():
     assert make_model(connector="perceiver", image_token_positions=True).connector.token_position is None
 
 
-def test_image_index_embeddings_mark_each_images_place_in_its_sample(processor):
-    """Every token of a prompt's k-th image gets vector k (images past the count share the last one), counted per
-    prompt; without the setting there is no such part, and a negative count is refused."""
-    model = make_model(vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id,
-                       image_index_embeddings=2)
-    images = [[random_image(64, 96), random_image(96, 64, 1), random_image(80, 80, 2)], [random_image(64, 64, 3)]]
-    batch = processor(text=["<image><image><image>which?", "<image>which?"], images=images, return_tensors="pt")
-    mask = batch["input_ids"] == processor.image_token_id
-    counts = batch["image_token_hw"].prod(-1).tolist()
-    expected = [0] * counts[0] + [1] * (counts[1] + counts[2]) + [0] * counts[3]
-    assert _image_index_in_sample(mask, batch["image_token_hw"], 2).tolist() == expected
-    with torch.no_grad():
-        marked = model.model(**batch).last_hidden_state
-        model.connector.image_index.weight.zero_()
-        unmarked = model.model(**batch).last_hidden_state
-    assert (marked - unmarked).abs().max() > 1e-4
-    assert make_model().connector.image_index is None
-    with pytest.raises(ValueError, match="image_index_embeddings"):
-        tiny_config(image_index_embeddings=-1)
-
-
 def test_shared_cell_encoder_needs_factors_that_are_multiples_of_the_smallest():
     with pytest.raises(ValueError, match=r"multiple of the smallest.*\[2, 3\]"):
         tiny_config(shuffle_factors=(2, 3), shared_cell_encoder=True)
@@ -248,7 +227,6 @@ CONNECTOR_SETTINGS = {  # the shuffle connector's variants
     "shared cell encoder": dict(shared_cell_encoder=True),
     "context, positions": dict(shared_cell_encoder=True, cell_context_kernel=3, token_context_kernel=3,
                                image_token_positions=True),
-    "image index": dict(image_index_embeddings=4),
 }
 
 
