@@ -17,7 +17,7 @@ instead of a tiny model from scratch: the single-digit model already reads a dig
 only has to learn to answer for each image in turn. Its tokenizer is kept as it is (byte-level BPE encodes the new
 question and answers too, in more pieces), so the embeddings it learned stay valid. It does not get there yet (the
 README has the figures): the first image's digit is read at ~88 % and the last at ~60 %, the middle ones near
-chance, with or without `--label_images`; the 2-layer LM does not tell the middle images apart in 800 steps.
+chance, with or without `--label_images`: the 2-layer LM does not tell the middle images apart in 800 steps.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer  # 
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMProcessor  # noqa: E402
 
 QUESTION = "Which digits are shown, in order?"
+EVAL_SEED = 4321  # held-out prompts are the same on every run
 
 
 def multi_prompt(count: int, label_images: bool = False) -> str:
@@ -51,7 +52,6 @@ def multi_prompt(count: int, label_images: bool = False) -> str:
     if label_images:
         return "".join(f"Image {k}: <image>\n" for k in range(1, count + 1)) + QUESTION
     return "<image>" * count + QUESTION
-EVAL_SEED = 4321  # held-out prompts are the same on every run
 
 
 class MultiDigitsTask:
