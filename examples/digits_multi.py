@@ -188,8 +188,7 @@ def main(argv=None) -> dict:
     recipe = dict(RECIPE, connector="shuffle", max_side=256, max_image_tokens=64, train_budgets=None)
     if args.init_model:
         model = NanoVLMForConditionalGeneration.from_pretrained(args.init_model)
-        # without trust_remote_code transformers 5.25 asks y/N for the folder's image processor (ours either way)
-        processor = NanoVLMProcessor.from_pretrained(args.init_model, trust_remote_code=True)
+        processor = NanoVLMProcessor.from_pretrained(args.init_model)
         max_steps = args.max_steps or 1600  # digits right at 144 tokens: 400 steps 38 % (lr 5e-4), 800 47 %, 1600 50 %
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters from {args.init_model} "
               f"(per-image budget {processor.image_processor.max_image_tokens}); per-sample budgets drawn from "
