@@ -293,3 +293,41 @@ def save_figure(fig, path: str, **savefig_kwargs) -> None:
     fig.savefig(path, **{"dpi": 110, **savefig_kwargs})
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def _send_measurement(measure, setting: dict, connection) -> None:
+    try:
+        connection.send(measure(setting))
+    except BaseException as error:  # report, do not hang the parent
+        connection.send({"error": f"{type(error).__name__}: {error}"})
+    finally:
+        connection.close()
+
+
+def run_in_fresh_processes(measure, settings: list[dict], report=print) -> list[dict]:
+    """`measure(setting) -> dict` for each setting in a fresh process forked from a server that has only imported
+    the libraries, so no setting sees another's memory (and glibc hands large freed blocks back to the OS). A
+    setting that fails or outlives `setting["timeout"]` seconds raises; `report(setting, result)` is called as each
+    result arrives."""
+    import multiprocessing
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when the server process starts
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["torch", "transformers", "modeling_nanovlm", "processing"])
+    results = []
+    for setting in settings:
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_send_measurement, args=(measure, setting, send))
+        process.start()
+        send.close()
+        result = receive.recv() if receive.poll(setting["timeout"]) else {"error": "timed out"}
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        if "error" in result:
+            raise RuntimeError(f"setting {setting}: {result['error']}")
+        report(setting, result)
+        results.append(result)
+    return results

@@ -18,7 +18,6 @@ RSS then shows the allocator's high-water mark instead of the tensors the step h
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 
@@ -29,6 +28,7 @@ from _common import (
     cuda_available,
     environment,
     pyplot,
+    run_in_fresh_processes,
     save_figure,
     set_torch_threads,
     table,
@@ -136,39 +136,10 @@ def _train_step(model, optimizer, inputs: dict) -> float:
     return float(loss.detach())
 
 
-def _worker(setting, connection):
-    try:
-        connection.send(measure(setting))
-    except BaseException as error:  # report, do not hang the parent
-        connection.send({"error": f"{type(error).__name__}: {error}"})
-    finally:
-        connection.close()
-
-
-def run_settings(settings: list[dict]) -> list[dict]:
-    """Each setting in a fresh process forked from a server that has imported torch and transformers only."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when the server process starts
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload(["torch", "transformers", "modeling_nanovlm", "processing"])
-    results = []
-    for setting in settings:
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_worker, args=(setting, send))
-        process.start()
-        send.close()
-        result = receive.recv() if receive.poll(setting["timeout"]) else {"error": "timed out"}
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-        if "error" in result:
-            raise RuntimeError(f"setting {setting}: {result['error']}")
-        results.append(result)
-        mode = "on " if setting["checkpointing"] else "off"
-        print(f"  long side {setting['long_side']:5d}, checkpointing {mode}: {result['peak_growth_mb']:8.1f} MB, "
-              f"{result['step_seconds']:.2f} s", flush=True)
-    return results
+def report_setting(setting: dict, result: dict) -> None:
+    mode = "on " if setting["checkpointing"] else "off"
+    print(f"  long side {setting['long_side']:5d}, checkpointing {mode}: {result['peak_growth_mb']:8.1f} MB, "
+          f"{result['step_seconds']:.2f} s", flush=True)
 
 
 def run(long_sides, threads, device, max_image_tokens, tower, repeats=1, timeout=900) -> dict:
@@ -177,7 +148,7 @@ def run(long_sides, threads, device, max_image_tokens, tower, repeats=1, timeout
              tower=tower, timeout=timeout)
         for _ in range(repeats) for side in long_sides for ckpt in (False, True)  # alternating on / off
     ]
-    measured = run_settings(settings)
+    measured = run_in_fresh_processes(measure, settings, report_setting)
     by_side = {}
     for side in long_sides:
         rows = {ckpt: [m for m in measured if m["long_side"] == side and m["checkpointing"] == ckpt]

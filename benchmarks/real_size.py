@@ -18,7 +18,15 @@ import sys
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import REPO_ROOT, argument_parser, environment, set_torch_threads, table, write_json
+from _common import (
+    REPO_ROOT,
+    argument_parser,
+    environment,
+    run_in_fresh_processes,
+    set_torch_threads,
+    table,
+    write_json,
+)
 
 IMAGE_HW = (768, 1024)
 NEW_TOKENS = 64
@@ -93,52 +101,16 @@ def measure(setting: dict) -> dict:
             "baseline_mb": before}
 
 
-def _worker(setting, connection):
-    try:
-        connection.send(measure(setting))
-    except BaseException as error:  # report, do not hang the parent
-        connection.send({"error": f"{type(error).__name__}: {error}"})
-    finally:
-        connection.close()
-
-
-def run_settings(settings: list[dict]) -> list[dict]:
-    """Each setting in a fresh process, forked from a server that has only imported the libraries (memory.py's
-    scheme: no setting sees another's memory; glibc hands large freed blocks back to the OS)."""
-    import multiprocessing
-    import os
-
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload(["torch", "transformers", "modeling_nanovlm", "processing"])
-    results = []
-    for setting in settings:
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_worker, args=(setting, send))
-        process.start()
-        send.close()
-        result = receive.recv() if receive.poll(setting["timeout"]) else {"error": "timed out"}
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-        if "error" in result:
-            raise RuntimeError(f"setting {setting}: {result['error']}")
-        print(f"  {setting}: {result}", flush=True)
-        results.append(result)
-    return results
-
-
 def run(budgets, threads: int, timeout: int = 1800) -> dict:
     import os
 
     load_before = os.getloadavg()
     settings = [dict(kind="train", budget=budget, bf16=bf16, checkpointing=ckpt, threads=threads, timeout=timeout)
                 for budget in budgets for bf16 in (False, True) for ckpt in (False, True)]
-    train = run_settings(settings)
-    generate = run_settings([dict(kind="generate", budget=256, bf16=bf16, threads=threads, timeout=timeout)
-                             for bf16 in (False, True)])
+    train = run_in_fresh_processes(measure, settings)
+    generation = [dict(kind="generate", budget=256, bf16=bf16, threads=threads, timeout=timeout)
+                  for bf16 in (False, True)]
+    generate = run_in_fresh_processes(measure, generation)
     # other processes on shared cores slow single steps down unevenly: the load says how much to trust the times
     load = [round(value, 2) for value in (*load_before, *os.getloadavg())]
     return {"environment": environment(), "threads": threads, "image_hw": list(IMAGE_HW), "train": train,
