@@ -156,16 +156,20 @@ def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full
     return schedule
 
 
+def connector_settings(recipe: dict) -> dict:
+    """The recipe's connector and that mode's settings (the config refuses the other mode's)."""
+    mode = recipe["connector"]
+    return {"connector": mode, **{name: recipe[name] for name in CONNECTOR_SETTINGS[mode]}}
+
+
 def build_digits_model(recipe: dict, seed: int, corpus: list[str] | None = None):
     """Offline tokenizer (on `corpus`, by default the task's texts), a tiny model, and the processor built from the
     model's config (one source of settings)."""
     tokenizer = build_tokenizer(corpus or tokenizer_corpus())
-    connector = recipe["connector"]  # the config refuses the other mode's settings
-    connector_settings = {"connector": connector, **{name: recipe[name] for name in CONNECTOR_SETTINGS[connector]}}
     config = tiny_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(NanoVLMProcessor.image_token),
-        **connector_settings,
+        **connector_settings(recipe),
         vision=dict(num_hidden_layers=recipe["vision_layers"], hidden_size=recipe["vision_hidden"],
                     intermediate_size=4 * recipe["vision_hidden"]),
         text=dict(num_hidden_layers=recipe["text_layers"], hidden_size=recipe["text_hidden"],
@@ -201,16 +205,14 @@ def build_real_lm_model(recipe: dict, seed: int, text_model: str, vision_model: 
     """A pretrained LM (folder, Hub id or GGUF file), frozen, with a tower from scratch (the recipe's shape) or taken
     from `vision_model` (a saved nanoVLM's tower, or a DINOv3 checkpoint), and the recipe's connector."""
     processor = NanoVLMProcessor.from_backbones(text_model)  # the LM's tokenizer and chat template
-    connector_settings = {name: recipe[name] for name in (
-        "connector", "shuffle_factors", "shared_cell_encoder", "perceiver_latents", "perceiver_depth",
-        "perceiver_heads", "perceiver_head_dim", "perceiver_pooled_queries", "cell_context_kernel",
-        "token_context_kernel", "image_token_positions")}
     tower = vision_model or tiny_config(vision=dict(
         num_hidden_layers=recipe["vision_layers"], hidden_size=recipe["vision_hidden"],
         intermediate_size=4 * recipe["vision_hidden"], initializer_range=recipe["init_range"])).vision_config
     torch.manual_seed(seed)
-    model = NanoVLMForConditionalGeneration.from_backbones(tower, text_model, tokenizer=processor.tokenizer,
-                                                           initializer_range=recipe["init_range"], **connector_settings)
+    model = NanoVLMForConditionalGeneration.from_backbones(
+        tower, text_model, tokenizer=processor.tokenizer, initializer_range=recipe["init_range"],
+        **connector_settings(recipe),
+    )
     for parameter in [*model.language_model.parameters(), *model.lm_head.parameters()]:
         parameter.requires_grad_(False)  # the LM keeps what it knows; tower and connector learn to speak to it
     processor.image_processor = NanoVLMImageProcessor.from_model_config(
