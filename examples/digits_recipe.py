@@ -26,8 +26,8 @@ The recipe (`RECIPE`; any key can be changed with `--recipe KEY=VALUE`), and wha
     (`image_token_positions`). Without them the LM, whose positions are 1-D, had to put a digit back together from
     tokens cut at 32 or 64 px: held-out digit at 144 / 64 / 36 / 16 (seed 0, 2200 steps) 85.3 / 79.4 / 70.6 /
     57.2 % without, 96.4 / 93.6 / 89.4 / 70.0 % with; each alone: cell context 94.2 / 86.9 / 79.7 / 63.6,
-    positions 85.3 / 84.4 / 77.5 / 57.5, token context with positions 94.7 / 87.8 / 81.7 / 68.3 (the README's
-    "Choosing a budget" has every recipe compared). They make a step ~18 % dearer on the largest canvases.
+    positions 85.3 / 84.4 / 77.5 / 57.5, token context with positions 94.7 / 87.8 / 81.7 / 68.3 (docs/recipe.md
+    has every recipe compared). They make a step ~18 % dearer on the largest canvases.
   - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler whose queries start from
     their region's pooled content), no budget draw.
   - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases (with

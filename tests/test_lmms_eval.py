@@ -1,7 +1,7 @@
 """lmms-eval's real CLI evaluates a saved nanoVLM with `--model nanovlm_hf` on the `nanovlm_digits` task, and its
 scores are our own evaluation's (greedy answers, the same parser).
 
-lmms-eval lives in its own virtualenv (its dependencies fight the pinned CPU torch; README "Evaluate with
+lmms-eval lives in its own virtualenv (its dependencies fight the pinned CPU torch; docs/clients.md "Installing
 lmms-eval"): set LMMS_EVAL to its `lmms-eval` executable, or put it on PATH. Skipped where it is not installed.
 """
 
