@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from anywhere, installed or not
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (str(REPO_ROOT), str(REPO_ROOT / "examples")):  # run as `python benchmarks/x.py` from anywhere
+    if _path not in sys.path:  # the package, installed or not, and the examples' offline tokenizer
+        sys.path.insert(0, _path)
 
 DOCS = REPO_ROOT / "docs"
 

@@ -29,7 +29,7 @@ def run(new_tokens: int, repeats: int, image_hw: tuple[int, int], max_image_toke
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
     from processing import NanoVLMImageProcessor, NanoVLMProcessor
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)

@@ -56,7 +56,7 @@ def million_row_dataset(num_rows: int, seed: int):
 
 def build_from_columns(num_rows: int, seed: int) -> dict:
     from processing import BucketBatchSampler, NanoVLMImageProcessor
-    from processing.sizes import dataset_image_sizes, dataset_text_lengths
+    from processing.training.sizes import dataset_image_sizes, dataset_text_lengths
 
     dataset = million_row_dataset(num_rows, seed)
     image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)

@@ -75,7 +75,7 @@ SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
 
 def bench_tokenizer():
     """The offline ChatML tokenizer every section uses, trained on the benchmark's words."""
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     return build_tokenizer([" ".join(WORDS)] * 20 + ["Which digit is shown and where?"])
 

@@ -60,7 +60,7 @@ from training_tools import (
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from modeling_nanovlm.configuration_nanovlm import CONNECTOR_SETTINGS
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 # The tuned recipe for the built-in task. Notes on why each value is what it is: the module docstring.
 RECIPE = dict(

@@ -46,7 +46,7 @@ from processing import (
     keep_images_encoded,
     load_image,
 )
-from processing.collator import BadRowError, row_name
+from processing.training.collator import BadRowError, row_name
 
 # Defaults for real backbones; the command line's --batch_size, --learning_rate, ... replace them.
 DATASET_DEFAULTS = dict(batch_size=8, learning_rate=5e-5, connector_learning_rate=1e-3, max_image_tokens=256,

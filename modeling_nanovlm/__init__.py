@@ -25,9 +25,9 @@ NanoVLMModel.register_for_auto_class("AutoModel")
 NanoVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
-def __getattr__(name: str):  # the trainer pulls in the Trainer stack; import it only when asked for
+def __getattr__(name: str):  # the trainer (training stack, not exported) pulls in the Trainer: import it when asked
     if name == "NanoVLMTrainer":
-        from .trainer import NanoVLMTrainer
+        from processing.training.trainer import NanoVLMTrainer
 
         return NanoVLMTrainer
     raise AttributeError(name)

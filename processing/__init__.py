@@ -1,5 +1,6 @@
-"""nanoVLM processing package: the image processor (the token plan) and the processor, both Hub-exported, then the
-training helpers (collator, bucketing samplers, dataset size columns), which are not.
+"""nanoVLM processing package. Its flat modules, the image processor (the token plan) and the processor, are exported
+to the Hub with a saved model; the `training` sub-package (collator, bucketing samplers, dataset size columns, the
+Trainer) is not.
 
     from processing import NanoVLMImageProcessor, NanoVLMProcessor
 
@@ -38,11 +39,18 @@ __all__ = [
 NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
-from .collator import BadRowError, NanoVLMCollator  # noqa: E402  (training helpers, not part of the Hub export)
-from .rows import PlannedRows  # noqa: E402
-from .sampler import BucketBatchSampler, PlannedIndex, bucket_key  # noqa: E402
-from .sizes import add_image_sizes, add_text_lengths, keep_images_encoded  # noqa: E402
-from .streaming import StreamingBucketBatches  # noqa: E402
+from .training import (  # noqa: E402
+    BadRowError,
+    BucketBatchSampler,
+    NanoVLMCollator,
+    PlannedIndex,
+    PlannedRows,
+    StreamingBucketBatches,
+    add_image_sizes,
+    add_text_lengths,
+    bucket_key,
+    keep_images_encoded,
+)
 
 __all__ += [
     "NanoVLMCollator",

@@ -3,7 +3,13 @@
 Imports happen inside the fixtures, so a test file that needs none of them does not pay for (or break on) them.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# examples/ on sys.path: tests build the examples' offline tokenizer (`offline_tokenizer.py`) and digits task.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 CORPUS = [
     "which digit is in the image and where? the digit 7 is in the top left.",
@@ -15,7 +21,7 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer():
     """Byte-level BPE built offline (`build_tokenizer`), with ChatML specials, `<image>` and `<pad>`."""
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     return build_tokenizer(CORPUS)
 

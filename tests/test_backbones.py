@@ -10,7 +10,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForC
 from modeling_nanovlm import NanoVLMForConditionalGeneration
 from modeling_nanovlm.backbones import load_language_model, split_gguf
 from processing import CHAT_TEMPLATE, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

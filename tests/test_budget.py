@@ -176,7 +176,7 @@ def test_planned_index_survives_pickling_for_dataloader_workers():
 
 @pytest.fixture(scope="module")
 def processor(image_processor):
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(["Which digit is shown and where? 7 top-left 3 bottom-right"] * 10)
     return NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)

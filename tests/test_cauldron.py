@@ -23,8 +23,8 @@ from processing import (
     add_text_lengths,
     keep_images_encoded,
 )
-from processing.collator import BadRowError
-from processing.offline_tokenizer import build_tokenizer
+from processing.training.collator import BadRowError
+from offline_tokenizer import build_tokenizer
 
 from test_collator import labelled_spans
 

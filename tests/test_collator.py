@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 IGNORE = -100
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 REFERENCE = Path(__file__).parent / "data" / "connector_reference.safetensors"
 VARIANTS = {

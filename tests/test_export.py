@@ -23,7 +23,7 @@ from transformers import (
 
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 
 def run_fresh(script: str, cwd) -> str:

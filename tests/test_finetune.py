@@ -100,7 +100,7 @@ def make_backbones(root: Path):
     """A tiny random DINOv3 tower and a tiny Llama with an offline ChatML tokenizer, saved like Hub checkpoints."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
 
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     vision = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -190,7 +190,7 @@ def test_dataset_rows_with_messages(tmp_path):
     import datasets
 
     from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     images, names = square_images(6, seed=1)
     messages = [

@@ -17,7 +17,7 @@ PUSH = """
 import numpy as np, torch
 from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 tokenizer = build_tokenizer(["Which digit is shown and where? 7 top-left"] * 20)
 processor = NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens={budget}, shuffle_factors={factors}), tokenizer)
@@ -47,7 +47,8 @@ def push(hub, tmp_path, repo, budget=48, factors=(1, 2, 4), reference_forward=Tr
     script = PUSH.format(
         budget=budget, factors=list(factors), reference=reference, repo=repo, reference_forward=reference_forward
     )
-    run_client(script, hub.url, tmp_path / "hf_push", cwd=REPO_ROOT, env={"PYTHONPATH": REPO_ROOT})
+    pythonpath = os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "examples")])  # + the offline tokenizer
+    run_client(script, hub.url, tmp_path / "hf_push", cwd=REPO_ROOT, env={"PYTHONPATH": pythonpath})
     return reference
 
 

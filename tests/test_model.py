@@ -10,7 +10,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
 from modeling_nanovlm.connector import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from processing.offline_tokenizer import build_tokenizer
+from offline_tokenizer import build_tokenizer
 
 PATCH = 16
 

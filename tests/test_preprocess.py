@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 import processing.image_processing_nanovlm as image_processing
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from modeling_nanovlm.modeling_nanovlm import normalize_pixels
-from modeling_nanovlm.trainer import default_dataloader_workers
+from processing.training.trainer import default_dataloader_workers
 from processing import NanoVLMImageProcessor, NanoVLMProcessor, load_image
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -244,7 +244,7 @@ def test_uint8_without_the_models_mean_and_std_is_a_clear_error(processor, make_
 
 def test_uint8_transport_survives_the_hub_export(tmp_path):
     """Remote-code processor and model in a fresh process (the repository unimportable): uint8 in, same logits."""
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     from test_export import run_fresh
 
@@ -360,7 +360,7 @@ def test_resume_with_workers_repeats_the_uninterrupted_run(tmp_path, tokenizer):
 
 
 def test_trainer_picks_workers_when_left_at_the_default(tmp_path, tokenizer, monkeypatch):
-    import modeling_nanovlm.trainer as trainer_module
+    import processing.training.trainer as trainer_module
 
     rows = photo_rows(4)
     monkeypatch.setattr(trainer_module, "default_dataloader_workers", lambda: 2)

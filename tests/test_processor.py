@@ -247,7 +247,7 @@ def test_from_backbones_pair_needs_each_setting_once(tmp_path):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration
-    from processing.offline_tokenizer import build_tokenizer
+    from offline_tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -1,6 +1,6 @@
 """NanoVLMTrainer: the stock transformers Trainer, fed by the bucketing batch sampler.
 
-Not part of the Hub export (the model's remote code never imports it), so it may import from `processing`.
+Not part of the Hub export: the model's remote code never imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from transformers.trainer_utils import TrainOutput, seed_worker
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 if TYPE_CHECKING:
-    from processing import BucketBatchSampler, StreamingBucketBatches
+    from .sampler import BucketBatchSampler
+    from .streaming import StreamingBucketBatches
 
 logger = logging.get_logger(__name__)
 

@@ -8,14 +8,14 @@ import re
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
-from .image_processing_nanovlm import ImageInputError
-from .processing_nanovlm import IMAGE_TOKEN
+from ..image_processing_nanovlm import ImageInputError
+from ..processing_nanovlm import IMAGE_TOKEN
 from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what the LM loss skips
-PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/rows.py)
+PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/training/rows.py)
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
 GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it
 

@@ -23,7 +23,7 @@ the pooled path. Batches are cut exactly as without budgets, from each sample's 
 sample's image tokens never grow when the budget shrinks, so `max_tokens_per_batch` holds at every drawn budget,
 and the number of batches, the sharding and resuming are unchanged. The exact length of every sample at every
 budget is known (`lengths_at`). The drawn budget travels with each index: the sampler then yields
-`PlannedIndex(index, plan)` keys, and `PlannedRows(dataset)` (processing/rows.py) turns a key into the row with
+`PlannedIndex(index, plan)` keys, and `PlannedRows(dataset)` (processing/training/rows.py) turns a key into the row with
 `"__plan__": {"max_image_tokens": budget}`, which `NanoVLMCollator` passes to the processor call. With
 `budget_setting="max_image_tokens_per_sample"` the drawn budgets are per-sample budgets instead, shared by the images
 of each sample (see `plan_images`); a sample's tokens never grow when that budget shrinks either.
@@ -57,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Sampler
 
-from .image_processing_nanovlm import ImagePlan
+from ..image_processing_nanovlm import ImagePlan
 
 # The plan settings a sampler's budgets may draw (`budget_setting`).
 BUDGET_SETTINGS = ("max_image_tokens", "max_image_tokens_per_sample")
@@ -363,7 +363,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         way. `text_length` is the name of a column of text lengths (fast: `processing.add_text_lengths`) or a
         function of a row without its image column (e.g. `NanoVLMCollator(processor).text_length`).
         `skip_bad_images`: an unreadable header counts as an image of no tokens instead of an error (the collator
-        then raises on that row, or skips it with `skip_bad_rows`). See `processing/sizes.py`.
+        then raises on that row, or skips it with `skip_bad_rows`). See `processing/training/sizes.py`.
         """
         from .sizes import dataset_image_sizes, dataset_text_lengths
 
