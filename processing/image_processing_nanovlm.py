@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from transformers.utils.versions import require_version
 
 # Remote code runs under the Hub user's transformers: name the release it needs (the model's
@@ -64,8 +64,7 @@ class _OpenedImage:
     @property
     def size(self) -> tuple[int, int]:
         """(height, width) upright: what the plan is computed from."""
-        width, height = self.stored_size
-        return (width, height) if self.orientation in (5, 6, 7, 8) else (height, width)
+        return _upright_size(self.stored_size, self.orientation)
 
 
 @dataclass(frozen=True)
@@ -321,17 +320,6 @@ def _same_setting(ours, theirs) -> bool:
     return ours == theirs
 
 
-_TRANSPOSE_FOR_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any PIL mode to RGB (the image itself when it is RGB already), transparency composited on `background`.
 
@@ -448,9 +436,27 @@ def _decode(image: Image.Image, opened_here: bool) -> Image.Image:
     return image
 
 
+# EXIF orientation: read by `_orientation`, applied by `_upright_size` (sizes) and `_upright` (pixels), nowhere else.
+_QUARTER_TURNS = (5, 6, 7, 8)  # orientations that swap width and height
+
+
 def _orientation(image: Image.Image) -> int:
-    """EXIF orientation (1-8) of a decoded image; 1 when it has none."""
-    return image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    """EXIF orientation (1-8; 1 when there is none), read without decoding the pixels: a PNG's eXIf chunk belongs
+    before its pixel data, where PIL reads it on opening (asked for more, PIL would decode the whole image)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _upright_size(stored_size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(height, width) of an image stored as (width, height), once turned upright."""
+    width, height = stored_size
+    return (width, height) if orientation in _QUARTER_TURNS else (height, width)
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """The decoded image turned upright: a transposed copy without the orientation tag, or the image itself."""
+    return image if orientation == 1 else ImageOps.exif_transpose(image)
 
 
 def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -463,14 +469,7 @@ def load_image(image, background: tuple[int, int, int] = (255, 255, 255)) -> Ima
     opened, opened_here = _open_image(image)
     _check_size(*opened.size)
     decoded = _decode(opened, opened_here)
-    if _orientation(decoded) != 1:
-        decoded = ImageOps.exif_transpose(decoded)  # a transposed copy, orientation tag removed
-    return _to_rgb(decoded, background)
-
-
-def _header_orientation(image: Image.Image) -> int:
-    """EXIF orientation where the format keeps it in the header; PIL would decode a PNG to find its eXIf chunk."""
-    return image.getexif().get(0x0112, 1) if image.format in ("JPEG", "MPO", "TIFF", "WEBP") else 1
+    return _to_rgb(_upright(decoded, _orientation(decoded)), background)
 
 
 def image_size(image) -> tuple[int, int]:
@@ -479,15 +478,11 @@ def image_size(image) -> tuple[int, int]:
         source = io.BytesIO(image) if isinstance(image, bytes) else image
         try:
             with Image.open(source) as opened:
-                width, height = opened.size
-                orientation = _header_orientation(opened)
+                return _upright_size(opened.size, _orientation(opened))
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageInputError(f"cannot read image header: {error}") from error
-        return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
     if isinstance(image, Image.Image):
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
-        return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+        return _upright_size(image.size, _orientation(image))
     width, height = load_image(image).size
     return height, width
 
@@ -744,7 +739,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         stored_size = opened.size
         _check_size(*stored_size)
         if opened_here and self.reduced_jpeg_decode and opened.format in ("JPEG", "MPO"):
-            return _OpenedImage(opened, opened_here, False, stored_size, _header_orientation(opened))
+            return _OpenedImage(opened, opened_here, False, stored_size, _orientation(opened))
         decoded = _decode(opened, opened_here)
         return _OpenedImage(decoded, opened_here, True, stored_size, _orientation(decoded))
 
@@ -753,17 +748,14 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         and converted to RGB."""
         image = opened.image
         if not opened.decoded:
-            turned = opened.orientation in (5, 6, 7, 8)
+            turned = opened.orientation in _QUARTER_TURNS
             target = (plan.resized_height, plan.resized_width) if turned else (plan.resized_width, plan.resized_height)
             scale = _exact_draft_scale(opened.stored_size, target)
             if scale > 1:
                 width, height = opened.stored_size
                 image.draft(None, (width // scale, height // scale))
             image = _decode(image, opened.opened_here)
-        image = _to_rgb(image, tuple(self.background_color))
-        if opened.orientation in _TRANSPOSE_FOR_ORIENTATION:
-            image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[opened.orientation])
-        return image
+        return _to_rgb(_upright(image, opened.orientation), tuple(self.background_color))
 
     def _resized(self, opened: _OpenedImage, plan: ImagePlan) -> np.ndarray:
         """One opened image at its planned size: (3, H, W) uint8 pixels."""

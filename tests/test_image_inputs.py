@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from processing import ImageInputError, NanoVLMImageProcessor, image_size, load_image
 
@@ -111,6 +111,28 @@ def test_exif_orientation_is_applied(tmp_path):
     assert ip(data)["image_grid_hw"].tolist() == [[10, 4]]  # the planned size swaps: 160x64 -> grid 10x4
     assert ip(jpeg_with_orientation(1))["image_grid_hw"].tolist() == [[4, 10]]
     assert ip.num_image_tokens(*image_size(data)) == 40
+
+
+def test_png_exif_orientation_agrees_between_size_and_pixels(tmp_path, monkeypatch):
+    """A PNG's eXIf chunk turns it like a JPEG's EXIF, and `image_size` reads it without decoding the pixels."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_with_orientation(6))).save(buffer, format="PNG", exif=Image.open(
+        io.BytesIO(jpeg_with_orientation(6))).getexif())
+    path = tmp_path / "rotated.png"
+    path.write_bytes(buffer.getvalue())
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (160, 64)).save(plain)
+    ip = NanoVLMImageProcessor(max_image_tokens=1024)
+    assert ip(path)["image_grid_hw"].tolist() == [[10, 4]]
+    assert load_image(path).size == (64, 160)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("image_size decoded the pixels")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert image_size(path) == (160, 64)
+    assert image_size(plain) == (64, 160)
 
 
 def test_exif_orientation_180_keeps_size_and_flips():
