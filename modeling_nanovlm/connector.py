@@ -174,19 +174,22 @@ class ShuffleConnector(nn.Module):
         return [parameter for projection in unused for parameter in projection.parameters()]
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
+        """(B, Gh*Gw, D) patch features of B images of one shape -> (B, th*tw, text_dim) image tokens."""
         height, width = token_hw[0] * factor, token_hw[1] * factor
-        if (height, width) != tuple(grid_hw):  # the plan pools: (B, Gh*Gw, D) -> (B, height*width, D)
+        if (height, width) != tuple(grid_hw):  # the plan pools: (B, height*width, D)
             features = on_grid(F.adaptive_avg_pool2d, features, grid_hw, (height, width))
         cell = self.cell_size
-        cells = self.cell_encoder(pixel_shuffle(features, height, width, cell))  # (B, cells, D*cell^2 | text_dim)
         cell_grid = (height // cell, width // cell)
+        cells = pixel_shuffle(features, height, width, cell)  # (B, cells, D*cell^2)
+        cells = self.cell_encoder(cells)  # (B, cells, text_dim), or unchanged when the cell is one patch
         if self.cell_context is not None:
-            cells = self.cell_context(cells, cell_grid)
-        tokens = self.projections[str(factor)](pixel_shuffle(cells, *cell_grid, factor // cell))  # (B, th*tw, text)
+            cells = self.cell_context(cells, cell_grid)  # same shape, each cell + its neighbourhood
+        merged = pixel_shuffle(cells, *cell_grid, factor // cell)  # (B, th*tw, (s/cell)^2 cells' features)
+        tokens = self.projections[str(factor)](merged)  # (B, th*tw, text_dim)
         if self.token_context is not None:
-            tokens = self.token_context(tokens, token_hw)
+            tokens = self.token_context(tokens, token_hw)  # same shape, each token + its neighbours
         if self.token_position is not None:
-            tokens = self.token_position(tokens, token_hw)
+            tokens = self.token_position(tokens, token_hw)  # same shape, + each token's 2-D place
         return tokens
 
 
@@ -198,6 +201,8 @@ class PerceiverConnector(nn.Module):
     With `perceiver_pooled_queries` each latent's query starts as its region's average-pooled context plus the
     learned latent (so every output token begins with its own region's content); else the latents alone.
     """
+
+    _no_split_modules = ["Idefics2PerceiverLayer"]  # gathered by the model's post_init: FSDP wraps each layer
 
     def __init__(self, config: NanoVLMConfig):
         super().__init__()
@@ -237,13 +242,14 @@ class PerceiverConnector(nn.Module):
         return []
 
     def forward(self, features: torch.Tensor, grid_hw: tuple[int, int], factor: int, token_hw: tuple[int, int]):
+        """(B, Gh*Gw, D) patch features of B images of one shape -> (B, latents, text_dim) image tokens."""
         position = grid_position_embedding(*grid_hw, features.shape[-1], features.device, features.dtype)
         context = self.projection(features + position)  # (B, Gh*Gw, text_dim)
         queries = self.perceiver.latents.expand(context.shape[0], -1, -1)  # (B, latents, text_dim)
-        if self.query_grid is not None:  # each region's pooled content plus its learned latent
+        if self.query_grid is not None:  # each region's pooled content plus its learned latent: same shape
             queries = on_grid(F.adaptive_avg_pool2d, context, grid_hw, self.query_grid) + self.perceiver.latents
         for layer in self.perceiver.layers:  # the resampler's own loop (nothing is padded: no mask)
-            queries = layer(queries, context, attention_mask=None, position_ids=None)
+            queries = layer(queries, context, attention_mask=None, position_ids=None)  # (B, latents, text_dim)
         return self.perceiver.norm(queries)
 
 

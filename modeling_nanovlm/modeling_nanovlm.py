@@ -184,14 +184,9 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer", "Idefics2PerceiverLayer"]
+    # No `_no_split_modules` of its own: `post_init` gathers the tower's, the LM's and the connector's (the layers FSDP
+    # wraps and device maps keep whole), so the list names only classes this model has.
     _skip_keys_device_placement = "cache"
-
-    def _set_no_split_modules(self, config: NanoVLMConfig):
-        # FSDP wraps these; the Perceiver's layers exist only with that connector.
-        self._no_split_modules = ["DINOv3ViTLayer", "LlamaDecoderLayer"] + (
-            ["Idefics2PerceiverLayer"] if config.connector == "perceiver" else []
-        )
 
 
 class NanoVLMModel(NanoVLMPreTrainedModel):
@@ -211,7 +206,6 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         self.connector = build_connector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.num_prefix_tokens = 1 + config.vision_config.num_register_tokens  # CLS + registers, dropped
-        self._set_no_split_modules(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -379,7 +373,6 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = NanoVLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self._set_no_split_modules(config)
         self.post_init()
 
     # The parts, by the names nanoVLM has always used (`language_model` is the base decoder, without head).

@@ -5,12 +5,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from offline_tokenizer import build_tokenizer
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
 from modeling_nanovlm.connector import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
-from offline_tokenizer import build_tokenizer
 
 PATCH = 16
 
@@ -188,6 +188,19 @@ def test_context_kernels_must_be_odd_and_the_cell_context_needs_the_shared_cell_
 def test_settings_of_the_other_connector_mode_are_errors(settings, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**settings)
+
+
+@pytest.mark.parametrize("connector", ["shuffle", "perceiver"])
+def test_no_split_modules_name_the_layers_this_model_has(connector):
+    """FSDP's auto-wrap (accelerate 1.14 raises on a listed class the model lacks) and device maps read this list."""
+    settings = dict(connector="perceiver", perceiver_latents=4) if connector == "perceiver" else {}
+    model = make_model(**settings)
+    present = {type(module).__name__ for module in model.modules()}
+    layers = {"DINOv3ViTLayer", "LlamaDecoderLayer"}
+    if connector == "perceiver":
+        layers.add("Idefics2PerceiverLayer")
+    assert layers <= set(model._no_split_modules) <= present
+    assert set(model.model._no_split_modules) == set(model._no_split_modules)
 
 
 def test_image_token_positions_add_a_learned_map_of_each_tokens_place():
