@@ -387,18 +387,7 @@ class NanoVLMProcessor(ProcessorMixin):
         if single and images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         grouped = self._images_per_sample(text, images)
-
-        flat = [image for group in grouped for image in group]
-        image_inputs, replacement_offsets = {}, [[] for _ in text]
-        if flat:
-            try:
-                image_inputs, replacements = self._process_images(grouped, **images_kwargs)
-            except ValueError as error:  # ImageInputError; remote code loads the image processor's own copy of it
-                if not hasattr(error, "image_index"):
-                    raise
-                sample = _sample_of_image(error.image_index, grouped)
-                raise ImageInputError(f"sample {sample}, {error}", image_index=error.image_index) from error
-            text, replacement_offsets = self.get_text_with_replacements(text, replacements)
+        image_inputs, text, replacement_offsets = self._expand_images(text, grouped, images_kwargs)
 
         encoding = self.tokenizer(text, **text_kwargs)
         self._check_image_tokens(encoding["input_ids"], [sample.count(IMAGE_TOKEN) for sample in text])
@@ -408,6 +397,21 @@ class NanoVLMProcessor(ProcessorMixin):
         if return_mm_token_type_ids:
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoding["input_ids"])
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _expand_images(self, text: list[str], grouped: list[list], images_kwargs: dict):
+        """(image inputs, `text` with each `<image>` expanded to its planned tokens, where each expansion went);
+        an unreadable image's error names its sample."""
+        if not any(grouped):
+            return {}, text, [[] for _ in text]
+        try:
+            image_inputs, replacements = self._process_images(grouped, **images_kwargs)
+        except ValueError as error:  # ImageInputError; remote code loads the image processor's own copy of it
+            if not hasattr(error, "image_index"):
+                raise
+            sample = _sample_of_image(error.image_index, grouped)
+            raise ImageInputError(f"sample {sample}, {error}", image_index=error.image_index) from error
+        text, replacement_offsets = self.get_text_with_replacements(text, replacements)
+        return image_inputs, text, replacement_offsets
 
     def _process_images(self, images: list[list], **kwargs):
         """transformers' hook without its `make_flat_list_of_images`: `images` is one list per sample here (the

@@ -65,6 +65,23 @@ class _Entry:
     tie_break: float
 
 
+def _check_stream(dataset) -> None:
+    """A `datasets.IterableDataset`, or a TypeError that says how to get one."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            "StreamingBucketBatches reads a datasets.IterableDataset; this is a map-style datasets.Dataset. "
+            "Bucket it whole with BucketBatchSampler (NanoVLMTrainer does), or stream it with "
+            "dataset.to_iterable_dataset(num_shards=...)"
+        )
+    if not isinstance(dataset, datasets.IterableDataset):
+        raise TypeError(
+            f"StreamingBucketBatches reads a datasets.IterableDataset (load_dataset(..., streaming=True) or "
+            f"Dataset.to_iterable_dataset()), got {type(dataset).__name__}"
+        )
+
+
 class StreamingBucketBatches(IterableDataset):
     r"""Batches (lists of rows) from a streamed dataset, bucketed by image shape and length inside a shuffle buffer.
 
@@ -109,20 +126,9 @@ class StreamingBucketBatches(IterableDataset):
         image_column: str | None = None,
         repeat: bool = False,
     ):
-        import datasets
         from datasets.distributed import split_dataset_by_node
 
-        if isinstance(dataset, datasets.Dataset):
-            raise TypeError(
-                "StreamingBucketBatches reads a datasets.IterableDataset; this is a map-style datasets.Dataset. "
-                "Bucket it whole with BucketBatchSampler (NanoVLMTrainer does), or stream it with "
-                "dataset.to_iterable_dataset(num_shards=...)"
-            )
-        if not isinstance(dataset, datasets.IterableDataset):
-            raise TypeError(
-                f"StreamingBucketBatches reads a datasets.IterableDataset (load_dataset(..., streaming=True) or "
-                f"Dataset.to_iterable_dataset()), got {type(dataset).__name__}"
-            )
+        _check_stream(dataset)
         check_batch_limits(batch_size, max_tokens_per_batch)
         if buffer_size < 1 or (batch_size is not None and buffer_size < batch_size):
             raise ValueError(
