@@ -9,31 +9,13 @@ Training runs through `NanoVLMTrainer` with a `BucketBatchSampler` and the `Nano
 new layouts for the same training digits, and the sampler re-plans from their sizes (`sizes_for_epoch`); a
 curriculum widens the canvas range from small squares to the full range.
 
-The recipe (`RECIPE`; any key can be changed with `--recipe KEY=VALUE`), and what each part is worth on this task
-(2 shared CPU cores):
-  - LM initialised with std 0.08 (not 0.02): with 0.02 the LM learns the answer format and the quadrant but the
-    digit stays at chance for hundreds of steps; 0.08 makes it take off after ~150 steps (10 % -> 66 % in 400
-    steps on 128 px canvases).
-  - a curriculum by epoch: 128 x 128 canvases for the first 30 % (one geometry: the digit takes off there; mixed
-    sizes from step 0 stayed at chance), then the largest side grows to 384 by 70 % of the run.
-  - budget-robust training: shuffle factors (2, 4) with a shared cell encoder (factor 4 merges four encoded 2x2
-    cells), and every batch draws its budget from 144 / 64 / 36 / 16 / 4 (`BucketBatchSampler(budgets=...)`), so
-    one model answers at any of them when the budget is lowered per call (`processor(..., max_image_tokens=36)`).
-    The 4 matters: at the other budgets a 128 px canvas fits at factor 2, so without it factor 4 would never see
-    the curriculum's start (dropping 16 cost 2 points at 36 and 6 at 16).
-  - locality and place in the connector: a 3x3 convolution over the encoded cells before the merge
-    (`cell_context_kernel`), one over each image's tokens (`token_context_kernel`), and each token's 2-D place
-    (`image_token_positions`). Without them the LM, whose positions are 1-D, had to put a digit back together from
-    tokens cut at 32 or 64 px: held-out digit at 144 / 64 / 36 / 16 (seed 0, 2200 steps) 85.3 / 79.4 / 70.6 /
-    57.2 % without, 96.4 / 93.6 / 89.4 / 70.0 % with; each alone: cell context 94.2 / 86.9 / 79.7 / 63.6,
-    positions 85.3 / 84.4 / 77.5 / 57.5, token context with positions 94.7 / 87.8 / 81.7 / 68.3 (docs/recipe.md
-    has every recipe compared). They make a step ~18 % dearer on the largest canvases.
-  - `--connector perceiver`: a fixed 16 tokens per image (1-layer Idefics2 resampler whose queries start from
-    their region's pooled content), no budget draw.
-  - a 1-layer, 96-wide vision tower: learns as fast per step as 2 x 128 and costs much less on large canvases (with
-    budget-robust training too: 2 layers gave 80.6 / 78.3 / 72.2 / 53.1 % against 85.3 / 79.4 / 70.6 / 57.2 %).
-  - lr 1e-3 everywhere with 5 % warmup and cosine decay (2e-3 anywhere was worse), batch 16 (batch 8 for 4000 steps
-    was worse), 2600 steps: 252 s with 2 threads on 2 idle cores; over 2200 steps about +2 points at 36, +10 at 16.
+The recipe (`RECIPE`; any key can be changed with `--recipe KEY=VALUE`): LM weights drawn larger than usual
+(std 0.08), a canvas curriculum (small squares first, then the full range of sizes and aspect ratios), budget-robust
+training (factors 2 and 4 with a shared cell encoder; every batch draws its budget, so one model answers at any
+budget lowered per call), locality and 2-D place in the connector (cell and token context convolutions, token
+positions), a 1-layer 96-wide tower, lr 1e-3 with warmup and cosine decay, batch 16, 2600 steps. `--connector
+perceiver` trains the Perceiver connector instead (a fixed 16 tokens per image, no budget draw).
+What each choice was worth on this task, measured: docs/recipe.md ("Why each recipe value").
 """
 
 from __future__ import annotations
@@ -47,6 +29,7 @@ from pathlib import Path
 import torch
 from digits import QUESTION, DigitsTask, load_split, tokenizer_corpus  # examples/: on sys.path (finetune.py)
 from digits_eval import evaluate_budgets, held_out_task, plot_budget_curve, print_budget_curve
+from offline_tokenizer import build_tokenizer
 from training_tools import (
     last_loss,
     make_optimizer,
@@ -60,13 +43,12 @@ from training_tools import (
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from modeling_nanovlm.configuration_nanovlm import CONNECTOR_SETTINGS
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
-from offline_tokenizer import build_tokenizer
 
-# The tuned recipe for the built-in task. Notes on why each value is what it is: the module docstring.
+# The tuned recipe for the built-in task; why each value is what it is: docs/recipe.md.
 RECIPE = dict(
     max_steps=2600,
     batch_size=16,
-    learning_rate=1e-3,  # vision tower; >= 2e-3 leaves it stuck at chance
+    learning_rate=1e-3,  # vision tower
     connector_learning_rate=1e-3,
     text_learning_rate=1e-3,
     warmup_ratio=0.05,
@@ -95,18 +77,17 @@ RECIPE = dict(
     perceiver_depth=1,
     perceiver_heads=4,
     perceiver_head_dim=32,
-    perceiver_pooled_queries=True,  # queries start from their region's pooled content (digit 13 % -> 69 %)
-    vision_layers=1,  # a 1-layer, 96-wide tower learns the digits as fast per step as 2 x 128 (2 x 192: slower),
-    vision_hidden=96,  # and a step on large canvases costs much less: more steps fit in the time
-    text_layers=2,  # 1 LM layer: -4 points of digit accuracy
+    perceiver_pooled_queries=True,  # queries start from their region's pooled content
+    vision_layers=1,  # a 1-layer, 96-wide tower: as fast per step as wider or deeper ones, and cheaper
+    vision_hidden=96,
+    text_layers=2,
     text_hidden=128,
-    text_init_range=0.08,  # LM weights ~N(0, 0.08) instead of 0.02: with 0.02 the digit stays at chance for
-    # hundreds of steps (the LM learns the answer format and the quadrant, but no digit signal flows back)
+    text_init_range=0.08,  # LM weights ~N(0, 0.08) instead of 0.02: with 0.02 no digit signal flows back for long
     init_range=0.02,  # the connector's projections (the vision tower keeps DINOv3's own 0.02)
 )
 
 # What `--connector perceiver` changes: a fixed token count leaves no budget to draw or to lower, and its steps cost
-# more (2200 took 338 s on the idle machine; the shuffle connector's 2600, 252 s).
+# more, so it gets fewer.
 PERCEIVER_RECIPE = dict(train_budgets=None, max_steps=2200)
 
 # Command-line settings that replace a recipe value (`--batch_size 4` is `--recipe batch_size=4`).
@@ -141,9 +122,7 @@ def curriculum(num_epochs: int, min_side: int, max_side: int, start: float, full
     """side_schedule(epoch) -> (min_side, largest side): min_side x min_side canvases only for the first `start`
     fraction of the epochs, then the largest side grows linearly to `max_side`, reached at the `full` fraction.
 
-    The square start matters: with one fixed geometry the digit takes off after ~150 steps, while with sizes
-    mixed from the start (even only 128-192 px) it stayed at chance for 950 steps; growing afterwards costs a
-    short bump in the loss.
+    The square start is what lets the digit take off (docs/recipe.md).
     """
 
     def schedule(epoch: int) -> tuple[int, int]:

@@ -35,7 +35,8 @@ class NanoVLMConfig(PreTrainedConfig):
     shared_cell_encoder (`bool`): every factor reads the smallest factor's s0 x s0 patch cells through one shared
         encoder layer, and factor s merges its (s/s0)^2 encoded cells with its own linear layer, so the larger
         factors reuse what the smallest learns (instead of one independent two-layer projection per factor).
-        Needs every factor to be a multiple of the smallest. Trains one model for many budgets far better.
+        Needs every factor to be a multiple of the smallest. What it is worth for one model serving many budgets:
+        docs/recipe.md.
     cell_context_kernel (`int`): with `shared_cell_encoder`, the side (odd) of a convolution over the grid of
         encoded cells whose output is added to each cell, so every token also carries its neighbourhood (the
         locality-keeping idea of Honeybee's C-Abstractor and MobileVLM's LDP): what token borders cut, and what a
@@ -48,8 +49,8 @@ class NanoVLMConfig(PreTrainedConfig):
     perceiver_latents / perceiver_depth / perceiver_heads / perceiver_head_dim: Perceiver settings.
     perceiver_pooled_queries (`bool`): each latent's query starts as the image's context average-pooled to a
         latents-sized grid (plus the learned latent), so every output token begins with its own region's content
-        and cross-attention adds detail. Without it (Idefics2's way) the queries are the learned latents alone;
-        on the built-in task those learned the quadrant but not the digit.
+        and cross-attention adds detail. Without it (Idefics2's way) the queries are the learned latents alone
+        (docs/recipe.md compares the two).
     vision_rope_augmentation (`bool`): apply DINOv3's random RoPE shift/jitter/rescale in train mode
         (off by default: `pos_embed_rescale=2.0` makes train-mode features random).
     projector_hidden_act (`str`): activation of the two-layer projection MLP.
