@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from offline_tokenizer import build_tokenizer
 from PIL import Image
 
 from processing import (
@@ -24,7 +25,6 @@ from processing import (
     keep_images_encoded,
 )
 from processing.training.collator import BadRowError
-from offline_tokenizer import build_tokenizer
 
 from test_collator import labelled_spans
 

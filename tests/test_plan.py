@@ -269,6 +269,15 @@ def test_model_config_and_image_processor_refuse_the_same_settings_alike(bad):
         assert tiny_config(**good).shuffle_factors == NanoVLMImageProcessor(**good).shuffle_factors
 
 
+def test_model_and_processor_packages_name_the_same_image_token():
+    """Written in both packages (each loads alone as remote code): `from_backbones` adds it to the tokenizer, the
+    processor expands it."""
+    import modeling_nanovlm
+    import processing
+
+    assert modeling_nanovlm.IMAGE_TOKEN == processing.IMAGE_TOKEN == "<image>"
+
+
 # --- the plan agrees with the processor's input_ids and the model's features ----------------------
 
 image_sizes = st.tuples(st.integers(1, 900), st.integers(1, 900)) | st.sampled_from(

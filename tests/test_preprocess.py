@@ -13,8 +13,8 @@ from transformers import TrainingArguments
 import processing.image_processing_nanovlm as image_processing
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from modeling_nanovlm.modeling_nanovlm import normalize_pixels
-from processing.training.trainer import default_dataloader_workers
 from processing import NanoVLMImageProcessor, NanoVLMProcessor, load_image
+from processing.training.trainer import default_dataloader_workers
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 

@@ -15,7 +15,7 @@ from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what the LM loss skips
-PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see processing/training/rows.py)
+PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see rows.py)
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
 GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it
 

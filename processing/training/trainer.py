@@ -8,16 +8,16 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, seed_worker
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-if TYPE_CHECKING:
-    from .sampler import BucketBatchSampler
-    from .streaming import StreamingBucketBatches
+from .collator import NanoVLMCollator
+from .rows import PlannedRows
+from .sampler import BucketBatchSampler
+from .streaming import StreamingBucketBatches
 
 logger = logging.get_logger(__name__)
 
@@ -88,8 +88,6 @@ class NanoVLMTrainer(Trainer):
             )
         processor = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and hasattr(processor, "image_processor"):
-            from processing import NanoVLMCollator
-
             kwargs["data_collator"] = NanoVLMCollator(processor)
         super().__init__(*args, **kwargs)
         if hasattr(processor, "check_model_config"):  # a processor that does not fit the model fails here, not later
@@ -115,8 +113,6 @@ class NanoVLMTrainer(Trainer):
 
     def build_train_batch_sampler(self) -> BucketBatchSampler:
         """The `BucketBatchSampler` over the train dataset, with the settings the class docstring lists."""
-        from processing import BucketBatchSampler, NanoVLMCollator
-
         if not isinstance(self.data_collator, NanoVLMCollator):
             raise ValueError(
                 "NanoVLMTrainer builds its batch sampler from a NanoVLMCollator (it knows the processor and row "
@@ -139,8 +135,6 @@ class NanoVLMTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         """The train DataLoader: batches from the bucketing sampler (or the stream), prepared by accelerate."""
-        from processing import PlannedRows
-
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         if _is_stream(self.train_dataset):
@@ -187,8 +181,6 @@ class NanoVLMTrainer(Trainer):
 
     def build_train_stream(self) -> StreamingBucketBatches:
         """The `StreamingBucketBatches` over a streamed train dataset: this process's rows, bucketed in a buffer."""
-        from processing import NanoVLMCollator, StreamingBucketBatches
-
         if isinstance(self.train_dataset, StreamingBucketBatches):
             stream = self.train_dataset
             if (stream.rank, stream.world_size) != (self.args.process_index, self.args.world_size):
