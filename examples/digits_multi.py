@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer  # noqa: E402
+from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMProcessor  # noqa: E402
+
 from digits import load_split, render, sample_layout, tokenizer_corpus  # noqa: E402
 from digits_recipe import RECIPE, build_digits_model, describe_model  # noqa: E402
 from training_tools import generate_answers, make_optimizer, training_arguments  # noqa: E402
-
-from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer  # noqa: E402
-from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMProcessor  # noqa: E402
 
 QUESTION = "Which digits are shown, in order?"
 EVAL_SEED = 4321  # held-out prompts are the same on every run

@@ -27,6 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
+from modeling_nanovlm.configuration_nanovlm import CONNECTOR_SETTINGS
+from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+
 from digits import QUESTION, DigitsTask, load_split, tokenizer_corpus  # examples/: on sys.path (finetune.py)
 from digits_eval import evaluate_budgets, held_out_task, plot_budget_curve, print_budget_curve
 from offline_tokenizer import build_tokenizer
@@ -39,10 +44,6 @@ from training_tools import (
     set_generation_tokens,
     training_arguments,
 )
-
-from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
-from modeling_nanovlm.configuration_nanovlm import CONNECTOR_SETTINGS
-from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
 
 # The tuned recipe for the built-in task; why each value is what it is: docs/recipe.md.
 RECIPE = dict(

@@ -24,16 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from training_tools import (  # examples/: on sys.path (finetune.py)
-    generate_answers,
-    last_loss,
-    load_saved,
-    make_optimizer,
-    plot_loss_curve,
-    save_and_push,
-    set_generation_tokens,
-    training_arguments,
-)
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer
 from processing import (
@@ -47,6 +37,17 @@ from processing import (
     load_image,
 )
 from processing.training.collator import BadRowError, row_name
+
+from training_tools import (  # examples/: on sys.path (finetune.py)
+    generate_answers,
+    last_loss,
+    load_saved,
+    make_optimizer,
+    plot_loss_curve,
+    save_and_push,
+    set_generation_tokens,
+    training_arguments,
+)
 
 # Defaults for real backbones; the command line's --batch_size, --learning_rate, ... replace them.
 DATASET_DEFAULTS = dict(batch_size=8, learning_rate=5e-5, connector_learning_rate=1e-3, max_image_tokens=256,

@@ -20,11 +20,12 @@ sys.path[:0] = [REPO, os.path.join(REPO, "examples")]  # the package, and the of
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from offline_tokenizer import build_tokenizer  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config  # noqa: E402
 from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor  # noqa: E402
+
+from offline_tokenizer import build_tokenizer  # noqa: E402
 
 NUM_SAMPLES = 9  # 5 batches of 2: not a multiple of 2 processes, so the sampler must split one
 NUM_EPOCHS = 2

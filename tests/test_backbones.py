@@ -5,12 +5,13 @@ SmolLM2-135M-Instruct: tests/test_real_weights.py."""
 import numpy as np
 import pytest
 import torch
-from offline_tokenizer import build_tokenizer
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration
 from modeling_nanovlm.backbones import load_language_model, split_gguf
 from processing import CHAT_TEMPLATE, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from offline_tokenizer import build_tokenizer
 from PIL import Image
 
 from processing import (
@@ -26,6 +25,7 @@ from processing import (
 )
 from processing.training.collator import BadRowError
 
+from offline_tokenizer import build_tokenizer
 from test_collator import labelled_spans
 
 datasets = pytest.importorskip("datasets")

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from offline_tokenizer import build_tokenizer
 
 from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 IGNORE = -100
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from offline_tokenizer import build_tokenizer
 from safetensors.torch import load_file, save_file
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 REFERENCE = Path(__file__).parent / "data" / "connector_reference.safetensors"
 VARIANTS = {

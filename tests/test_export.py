@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from fresh_process import BLOCK_REPOSITORY  # tests/ is on sys.path (pytest's rootdir insertion)
-from offline_tokenizer import build_tokenizer
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -24,6 +23,8 @@ from transformers import (
 
 from modeling_nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMModel, tiny_config
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 
 def run_fresh(script: str, cwd) -> str:

@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import digits  # noqa: E402
-import digits_recipe  # noqa: E402
 import finetune  # noqa: E402
 import finetune_dataset  # noqa: E402
+
+import digits  # noqa: E402
+import digits_recipe  # noqa: E402
 import training_tools  # noqa: E402
 
 
@@ -98,8 +99,9 @@ def test_digits_short_run_writes_metrics_curve_and_a_loadable_model(tmp_path):
 
 def make_backbones(root: Path):
     """A tiny random DINOv3 tower and a tiny Llama with an offline ChatML tokenizer, saved like Hub checkpoints."""
-    from offline_tokenizer import build_tokenizer
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+
+    from offline_tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     vision = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -187,9 +189,10 @@ def test_a_pretrained_lm_learns_the_built_in_task(tmp_path):
 
 def test_dataset_rows_with_messages(tmp_path):
     import datasets
-    from offline_tokenizer import build_tokenizer
 
     from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+
+    from offline_tokenizer import build_tokenizer
 
     images, names = square_images(6, seed=1)
     messages = [

@@ -5,12 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from offline_tokenizer import build_tokenizer
 from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, pixel_shuffle, pixel_unshuffle, tiny_config
 from modeling_nanovlm.connector import grid_position_embedding
 from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 PATCH = 16
 

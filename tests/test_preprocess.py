@@ -245,7 +245,6 @@ def test_uint8_without_the_models_mean_and_std_is_a_clear_error(processor, make_
 def test_uint8_transport_survives_the_hub_export(tmp_path):
     """Remote-code processor and model in a fresh process (the repository unimportable): uint8 in, same logits."""
     from offline_tokenizer import build_tokenizer
-
     from test_export import run_fresh
 
     tokenizer = build_tokenizer(["what is in the picture? a cat"] * 20)

@@ -244,10 +244,11 @@ def test_image_processor_from_model_config_takes_the_models_settings(tokenizer, 
 def test_from_backbones_pair_needs_each_setting_once(tmp_path):
     """Pretrained backbones with an 8-px patch: the processor learns the patch size (and the factors) from the model,
     with nothing repeated, and the pair runs."""
-    from offline_tokenizer import build_tokenizer
     from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration
+
+    from offline_tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -5,12 +5,13 @@ import io
 import numpy as np
 import pytest
 import torch
-from offline_tokenizer import build_tokenizer
 from PIL import Image
 from transformers import TrainingArguments
 
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from processing import BucketBatchSampler, NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor
+
+from offline_tokenizer import build_tokenizer
 
 ANSWERS = ["7", "The digit 3, top left.", "1 bottom right", "The digit 9 is at the top right of the picture."]
 

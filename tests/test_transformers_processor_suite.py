@@ -90,9 +90,9 @@ if reason:
     pytest.skip(reason, allow_module_level=True)
 common = load_common_tests()
 
-from offline_tokenizer import build_tokenizer  # noqa: E402
-
 from processing import NanoVLMImageProcessor, NanoVLMProcessor  # noqa: E402
+
+from offline_tokenizer import build_tokenizer  # noqa: E402
 
 # The mixin's prompts ("lower newer", "upper older longer string") and chat turns, so they tokenize to a few tokens.
 CORPUS = ["lower newer upper older longer string", "What is shown in this image? Describe it."] * 4
