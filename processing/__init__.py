@@ -39,28 +39,8 @@ __all__ = [
 NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
-from .training import (  # noqa: E402
-    BadRowError,
-    BucketBatchSampler,
-    NanoVLMCollator,
-    PlannedIndex,
-    PlannedRows,
-    StreamingBucketBatches,
-    add_image_sizes,
-    add_text_lengths,
-    bucket_key,
-    keep_images_encoded,
-)
+# The training stack's names (`training.__all__`), not part of the Hub export.
+from . import training  # noqa: E402
+from .training import *  # noqa: E402, F403
 
-__all__ += [
-    "NanoVLMCollator",
-    "BadRowError",
-    "BucketBatchSampler",
-    "PlannedIndex",
-    "PlannedRows",
-    "bucket_key",
-    "StreamingBucketBatches",
-    "add_image_sizes",
-    "add_text_lengths",
-    "keep_images_encoded",
-]
+__all__ += training.__all__

@@ -31,5 +31,4 @@ __all__ = [
     "add_image_sizes",
     "add_text_lengths",
     "keep_images_encoded",
-    "NanoVLMTrainer",
-]
+]  # and NanoVLMTrainer, imported on first use (not by `import *`)
