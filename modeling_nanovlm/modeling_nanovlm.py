@@ -173,7 +173,7 @@ register_checkpoint_conversion_mapping(
 
 
 class NanoVLMPreTrainedModel(PreTrainedModel):
-    """The settings shared by the headless and the generation model: config class, FSDP units, attention backends."""
+    """The settings shared by the headless and the generation model: config class, attention backends, checkpointing."""
 
     config: NanoVLMConfig
     config_class = NanoVLMConfig
