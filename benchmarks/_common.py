@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,6 +257,13 @@ def load_average() -> list[float] | None:
         return None
 
 
+def timed(function, *args, **kwargs):
+    """`function(*args, **kwargs)` and the seconds it took."""
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
 def rotated(names: list, turn: int) -> list:
     """`names` starting at `turn` (modulo their number): who goes first changes every turn."""
     start = turn % len(names)
@@ -352,6 +360,17 @@ def finish(args, figures: dict, printed: str) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(figures, indent=2, default=_json_default) + "\n")
         print(f"\nwrote {path}")
+    return figures
+
+
+def benchmark_main(argv, doc: str, options: dict, quick: dict | None, run, report, plot=None) -> dict:
+    """A script's `main`: parse the options, `run(args)`, print `report(figures)`, write the JSON and, with `--plot
+    PATH`, draw `plot(figures, PATH)`; the figures."""
+    args = parse_args(doc, argv, options, quick)
+    figures = run(args)
+    finish(args, figures, report(figures))
+    if plot is not None and args.plot:
+        plot(figures, args.plot)
     return figures
 
 

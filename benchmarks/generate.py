@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from _common import finish, median, parse_args, rotated, set_torch_threads, table, tiny_model
+from _common import benchmark_main, median, rotated, set_torch_threads, table, tiny_model
 
 GOAL_RATIO = 5.0
 OPTIONS = dict(new_tokens=128, repeats=2, image_size="384x512", max_image_tokens=256, threads=1, device="cpu")
@@ -88,9 +88,7 @@ def report(figures: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS, QUICK)
-    figures = run(args)
-    return finish(args, figures, report(figures))
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report)
 
 
 if __name__ == "__main__":

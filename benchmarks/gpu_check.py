@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from _common import finish, image_batch, median, parse_args, table, train_step
+from _common import benchmark_main, image_batch, median, table, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -182,9 +182,7 @@ def _flops(value: float) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS, QUICK)
-    figures = run(args)
-    return finish(args, figures, report(figures))
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report)
 
 
 if __name__ == "__main__":

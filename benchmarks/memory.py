@@ -12,11 +12,10 @@ import os
 import time
 
 from _common import (
+    benchmark_main,
     cuda_available,
-    finish,
     image_batch,
     max_rss_mb,
-    parse_args,
     pyplot,
     rss_mb,
     run_in_fresh_processes,
@@ -175,12 +174,7 @@ def plot(figures: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS, QUICK)
-    figures = run(args)
-    finish(args, figures, report(figures))
-    if args.plot:
-        plot(figures, args.plot)
-    return figures
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report, plot)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import numpy as np
 
 from _common import (
     SNAP_ASPECT_RATIOS,
-    finish,
+    benchmark_main,
     log_midpoints,
     mix_description,
-    parse_args,
     pct,
     pyplot,
     save_figure,
@@ -81,8 +80,10 @@ def chunks(indices, size) -> list[list]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
-def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max_image_size: int) -> dict:
+def run(args) -> dict:
     """Padding and tower-call figures of every strategy, whole-epoch and streamed, over one epoch of the mix."""
+    num_samples, batch_size, seed = args.samples, args.batch_size, args.seed
+    max_image_tokens, max_image_size = args.max_image_tokens, args.max_image_size
     from processing import NanoVLMImageProcessor
 
     mix = training_mix(num_samples, seed=seed)
@@ -300,12 +301,7 @@ def plot(figures: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS, QUICK)
-    figures = run(args.samples, args.batch_size, args.seed, args.max_image_tokens, args.max_image_size)
-    finish(args, figures, report(figures))
-    if args.plot:
-        plot(figures, args.plot)
-    return figures
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report, plot)
 
 
 if __name__ == "__main__":

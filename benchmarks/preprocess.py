@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import io
 import math
-import time
 
 import numpy as np
 
-from _common import encoded_photos, finish, parse_args, rotated, table
+from _common import benchmark_main, encoded_photos, rotated, table, timed
 
 PHOTO_SIZES = ((640, 480), (1024, 768), (1600, 1200), (2048, 1536), (3000, 2000))  # (width, height) landscape
 IDEFICS3_TILE, IDEFICS3_TOKENS_PER_TILE = 364, 169  # 26x26 patches of 14 px, pixel-shuffled by 2
@@ -162,9 +161,8 @@ def measure(methods: dict, photos: list[dict], ip, rounds: int) -> dict:
     for turn, photo in enumerate(photos * rounds):
         plan = ip.plan(photo["height"], photo["width"])
         for name in rotated(list(methods), turn):
-            start = time.perf_counter()
-            tokens, pixel_bytes = methods[name](photo["bytes"], plan)
-            totals[name]["seconds"] += time.perf_counter() - start
+            (tokens, pixel_bytes), seconds = timed(methods[name], photo["bytes"], plan)
+            totals[name]["seconds"] += seconds
             totals[name]["images"] += 1
             totals[name]["tokens"] += tokens
             totals[name]["pixel_bytes"] += pixel_bytes
@@ -236,9 +234,7 @@ def report(figures: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS)
-    figures = run(args)
-    return finish(args, figures, report(figures))
+    return benchmark_main(argv, __doc__, OPTIONS, None, run, report)
 
 
 if __name__ == "__main__":

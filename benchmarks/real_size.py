@@ -9,18 +9,17 @@ See docs/performance.md#real-size.
 from __future__ import annotations
 
 import gc
-import time
 
 from _common import (
-    finish,
+    benchmark_main,
     image_batch,
     load_average,
     max_rss_mb,
-    parse_args,
     rss_mb,
     run_in_fresh_processes,
     set_torch_threads,
     table,
+    timed,
     train_step,
 )
 
@@ -53,9 +52,7 @@ def measure(setting: dict) -> dict:
     inputs, plan = image_batch(processor, *IMAGE_HW, image_token, "cpu")
     gc.collect()
     before = rss_mb()
-    start = time.perf_counter()
-    train_step(model, optimizer, inputs, autocast)
-    seconds = time.perf_counter() - start
+    seconds = timed(train_step, model, optimizer, inputs, autocast)[1]
     return {"budget": setting["budget"], "bf16": setting["bf16"], "checkpointing": setting["checkpointing"],
             "image_tokens": plan.num_tokens, "tower_patches": plan.num_patches, "step_seconds": seconds,
             "peak_growth_mb": max_rss_mb() - before, "baseline_mb": before}
@@ -69,15 +66,14 @@ def measure_generation(model, processor, autocast, bf16: bool) -> dict:
     inputs, plan = image_batch(processor, *IMAGE_HW, model.config.image_token_id, "cpu")
     inputs.pop("labels")
 
-    def timed(new_tokens):
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return time.perf_counter() - start
+    def generate(new_tokens):
+        return timed(model.generate, **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                     do_sample=False)[1]
 
     with torch.no_grad(), autocast:
-        timed(2)  # warm-up
-        prefill = timed(1)
-        total = timed(NEW_TOKENS + 1)
+        generate(2)  # warm-up
+        prefill = generate(1)
+        total = generate(NEW_TOKENS + 1)
     return {"bf16": bf16, "prompt_tokens": int(inputs["input_ids"].shape[1]), "image_tokens": plan.num_tokens,
             "prefill_seconds": prefill, "tokens_per_second": NEW_TOKENS / (total - prefill)}
 
@@ -113,9 +109,7 @@ def report(figures: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS)
-    figures = run(args)
-    return finish(args, figures, report(figures))
+    return benchmark_main(argv, __doc__, OPTIONS, None, run, report)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import finish, parse_args, source_photos, table, training_mix
+from _common import benchmark_main, source_photos, table, timed, training_mix
 
 OPTIONS = dict(rows=1_000_000, photos=4_000)
 QUICK = dict(rows=100_000, photos=200)
@@ -54,19 +53,11 @@ def build_from_columns(num_rows: int, seed: int) -> dict:
 
     dataset = million_row_dataset(num_rows, seed)
     image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
-    started = time.perf_counter()
-    sampler = BucketBatchSampler.from_dataset(dataset, image_processor, text_length="text_length", batch_size=16,
-                                              seed=seed)
-    total = time.perf_counter() - started
-    started = time.perf_counter()
-    dataset_image_sizes(dataset)
-    read_sizes = time.perf_counter() - started
-    started = time.perf_counter()
-    dataset_text_lengths(dataset, "text_length", None)
-    read_lengths = time.perf_counter() - started
-    started = time.perf_counter()
-    sampler.batches(1)
-    next_epoch = time.perf_counter() - started
+    sampler, total = timed(BucketBatchSampler.from_dataset, dataset, image_processor, text_length="text_length",
+                           batch_size=16, seed=seed)
+    read_sizes = timed(dataset_image_sizes, dataset)[1]
+    read_lengths = timed(dataset_text_lengths, dataset, "text_length", None)[1]
+    next_epoch = timed(sampler.batches, 1)[1]
     return {
         "rows": num_rows,
         "images": int(sum(len(shapes) for shapes in sampler.shapes)),
@@ -122,15 +113,12 @@ def header_helper(num_rows: int, seed: int) -> dict:
             copy = root / f"copy{num_proc}"
             datasets.load_from_disk(str(root / "photos")).save_to_disk(str(copy))
             dataset = datasets.load_from_disk(str(copy))
-            started = time.perf_counter()
-            with_sizes = add_image_sizes(dataset, num_proc=num_proc if num_proc > 1 else None)
-            seconds = time.perf_counter() - started
+            with_sizes, seconds = timed(add_image_sizes, dataset, num_proc=num_proc if num_proc > 1 else None)
             results[f"rows_per_second_num_proc_{num_proc}"] = round(num_rows / seconds)
             if num_proc == 1:
                 assert with_sizes["image_sizes"] == truth, "add_image_sizes disagrees with the decoded sizes"
-                started = time.perf_counter()
-                again = add_image_sizes(datasets.load_from_disk(str(copy)))
-                results["cached_call_seconds"] = round(time.perf_counter() - started, 3)
+                again, seconds = timed(add_image_sizes, datasets.load_from_disk(str(copy)))
+                results["cached_call_seconds"] = round(seconds, 3)
                 assert again["image_sizes"] == truth
                 image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
                 from_column = BucketBatchSampler.from_dataset(with_sizes, image_processor, "text_length", batch_size=8)
@@ -157,14 +145,16 @@ def report(figures: dict) -> str:
     return f"{columns}\n\n{header_table}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(__doc__, argv, OPTIONS, QUICK)
+def run(args) -> dict:
     build = build_from_columns(args.rows, args.seed)
     headers = header_helper(args.photos, args.seed)
     headers["seconds_per_million_rows_num_proc_1"] = round(1_000_000 / headers["rows_per_second_num_proc_1"])
-    figures = {"settings": {"rows": args.rows, "photos": args.photos, "seed": args.seed, "quick": args.quick},
-               "from_columns": build, "add_image_sizes": headers}
-    return finish(args, figures, report(figures))
+    return {"settings": {"rows": args.rows, "photos": args.photos, "seed": args.seed, "quick": args.quick},
+            "from_columns": build, "add_image_sizes": headers}
+
+
+def main(argv=None) -> dict:
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report)
 
 
 if __name__ == "__main__":
