@@ -28,9 +28,7 @@ for _path in (str(REPO_ROOT), str(REPO_ROOT / "examples")):  # run as `python be
 
 DOCS = REPO_ROOT / "docs"
 
-# --------------------------------------------------------------------------------------------------------------
 # The synthetic training mix (described in docs/performance.md#the-synthetic-training-mix)
-# --------------------------------------------------------------------------------------------------------------
 
 KINDS = ("photo", "document", "screenshot", "chart", "small")
 KIND_SHARES = (0.45, 0.15, 0.10, 0.15, 0.15)
@@ -114,9 +112,7 @@ def mix_description() -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Offline photos
-# --------------------------------------------------------------------------------------------------------------
 
 
 def source_photos() -> dict[str, np.ndarray]:
@@ -149,9 +145,7 @@ def encoded_photos(num_sources: int | None, sizes, quality: int = 90) -> list[di
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Image plans
-# --------------------------------------------------------------------------------------------------------------
 
 SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
 
@@ -174,9 +168,7 @@ def log_midpoints(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(math.sqrt(a * b) for a, b in zip(values, values[1:]))
 
 
-# --------------------------------------------------------------------------------------------------------------
 # torch, models and training steps
-# --------------------------------------------------------------------------------------------------------------
 
 
 def set_torch_threads(threads: int) -> None:
@@ -308,9 +300,7 @@ def run_in_fresh_processes(measure, settings: list[dict], report=print) -> list[
     return results
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Options and output
-# --------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(doc: str, argv, options: dict, quick: dict | None = None) -> argparse.Namespace:

@@ -82,13 +82,13 @@ def chunks(indices, size) -> list[list]:
 
 def run(args) -> dict:
     """Padding and tower-call figures of every strategy, whole-epoch and streamed, over one epoch of the mix."""
-    num_samples, batch_size, seed = args.samples, args.batch_size, args.seed
-    max_image_tokens, max_image_size = args.max_image_tokens, args.max_image_size
     from processing import NanoVLMImageProcessor
 
-    mix = training_mix(num_samples, seed=seed)
+    batch_size, seed = args.batch_size, args.seed
+    mix = training_mix(args.samples, seed=seed)
     sizes, text = mix["image_sizes"], mix["text_lengths"]
-    ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size)
+    budget_settings = {"max_image_tokens": args.max_image_tokens, "max_image_size": args.max_image_size}
+    ip = NanoVLMImageProcessor(**budget_settings)
     patch = ip.patch_size
     plans = sample_plans(ip, sizes)
     total = np.asarray(text) + plans["tokens"]
@@ -97,8 +97,8 @@ def run(args) -> dict:
 
     results = baseline_figures(plans, text, total, patch, batch_size, seed)
     results.update(bucket_figures(ip, sizes, plans, text, patch, batch_size, budget, seed))
-    snap_ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                    snap_sizes=list(SNAP_SIZES), snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
+    snap_ip = NanoVLMImageProcessor(**budget_settings, snap_sizes=list(SNAP_SIZES),
+                                    snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
     snap_plans = sample_plans(snap_ip, sizes)
     results.update(bucket_figures(snap_ip, sizes, snap_plans, text, patch, batch_size, budget, seed, **SNAP_BUCKETS))
     for key, figures in results.items():
@@ -117,8 +117,8 @@ def run(args) -> dict:
     return {
         "benchmark": "padding",
         "settings": {
-            "samples": num_samples, "batch_size": batch_size, "max_tokens_per_batch": budget, "seed": seed,
-            "max_image_tokens": max_image_tokens, "max_image_size": max_image_size, "patch_size": patch,
+            "samples": args.samples, "batch_size": batch_size, "max_tokens_per_batch": budget, "seed": seed,
+            **budget_settings, "patch_size": patch,
             "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
         },
         "mix": {**mix_description(), "counts": dict(Counter(mix["kinds"])),
