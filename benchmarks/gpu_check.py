@@ -1,28 +1,16 @@
 """One short GPU check of a training step: step time, tokens/s, peak memory and model-FLOPs utilisation (MFU).
 
-The `small_config` preset (shapes of DINOv3 ViT-S/16 + SmolLM2-135M, random weights), a batch of rows that each
-hold one 4:3 image with a 2048-px long side (1536x2048: 12288 tower patches, 768 image tokens at the default
-budget of 1024) and 256 text tokens, bf16 autocast, gradient checkpointing, AdamW. After `--warmup` steps,
-`--steps` steps are timed (CUDA-synchronised); the median is reported.
-
-Model FLOPs per step (MFU counts these, not the recomputation that checkpointing adds), PaLM-style:
-  6 x (matmul weights used) x tokens            for the tower (patches + CLS/registers), connector, LM (with
-                                                 lm_head; embedding lookups are free)
-  + 12 x layers x sequence^2 x hidden           attention, per image in the tower and per row in the LM
-MFU = model FLOPs / step time / the GPU's dense bf16 peak (known GPUs, or `--peak-tflops`).
-
-With `--compare-no-checkpointing` the same batch is also run with checkpointing off (memory ratio on/off).
-On CPU (`--device cpu --quick`) it runs the tiny preset on a small image: that only tests the script.
-
     python benchmarks/gpu_check.py --device cuda --preset small --bf16 --checkpointing --long-side 2048 --json PATH
+
+`bash benchmarks/gpu_check.sh` runs it on a GPU machine; `--device cpu --quick` only tests the script.
+See docs/performance.md#gpu.
 """
 
 from __future__ import annotations
 
 import time
 
-import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import argument_parser, environment, median, table, write_json
+from _common import benchmark_main, image_batch, median, table, train_step
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -30,6 +18,10 @@ PEAK_BF16_TFLOPS = {
     "GH200": 989.4, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0,
     "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
 }
+OPTIONS = dict(device="cuda", preset="small", bf16=False, checkpointing=False, compare_no_checkpointing=False,
+               long_side=2048, batch_size=8, text_tokens=256, max_image_tokens=1024, warmup=3, steps=10,
+               peak_tflops=0.0)
+QUICK = dict(preset="tiny", long_side=256, batch_size=2, text_tokens=32, max_image_tokens=64, warmup=1, steps=1)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -46,7 +38,8 @@ def _matmul_weights(module) -> int:
 
 
 def model_flops(model, plans, rows: int, seq_len: int) -> dict:
-    """Model FLOPs of one training step (forward + backward), split by part."""
+    """Model FLOPs of one training step (forward + backward), split by part: 6 x matmul weights x tokens, plus
+    12 x layers x sequence^2 x hidden for attention (per image in the tower, per row in the LM)."""
     from torch import nn
 
     vision, text = model.config.vision_config, model.config.text_config
@@ -64,35 +57,6 @@ def model_flops(model, plans, rows: int, seq_len: int) -> dict:
     return {"tower": tower, "connector": connector, "lm": lm, "total": tower + connector + lm}
 
 
-def build_batch(processor, rows: int, image_hw, text_tokens: int, image_token_id: int, vocab_size: int, device):
-    import torch
-
-    plan = processor.plan(*image_hw)
-    seq_len = plan.num_tokens + text_tokens
-    ids = torch.randint(image_token_id + 1, vocab_size, (rows, seq_len)) if image_token_id + 1 < vocab_size \
-        else torch.randint(0, image_token_id, (rows, seq_len))
-    ids[:, 2 : 2 + plan.num_tokens] = image_token_id
-    labels = ids.clone()
-    labels[:, : 2 + plan.num_tokens] = -100  # loss on the text after the image, as the collator's answers
-    batch = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-        pixel_values=torch.randn(rows * plan.num_patches, 3 * processor.patch_size**2),
-        image_grid_hw=torch.tensor([[plan.grid_height, plan.grid_width]] * rows),
-        image_token_hw=torch.tensor([[plan.token_height, plan.token_width]] * rows),
-        image_shuffle_factor=torch.tensor([plan.shuffle_factor] * rows),
-    )
-    return {k: v.to(device) for k, v in batch.items()}, [plan] * rows, seq_len
-
-
-def _train_step(model, optimizer, autocast, batch: dict):
-    with autocast:
-        loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
 def measure(model, batch, device, bf16: bool, checkpointing: bool, warmup: int, steps: int) -> dict:
     """Median step time (after `warmup` steps), peak memory and the last loss, checkpointing on or off."""
     import torch
@@ -106,14 +70,14 @@ def measure(model, batch, device, bf16: bool, checkpointing: bool, warmup: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     for _ in range(warmup):
-        _train_step(model, optimizer, autocast, batch)
+        train_step(model, optimizer, batch, autocast)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], None
     for _ in range(steps):
         start = time.perf_counter()
-        loss = _train_step(model, optimizer, autocast, batch)
+        loss = train_step(model, optimizer, batch, autocast)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -121,70 +85,64 @@ def measure(model, batch, device, bf16: bool, checkpointing: bool, warmup: int, 
     del optimizer
     if cuda:
         torch.cuda.empty_cache()
-    return {"step_seconds_median": median(times), "step_seconds_all": times, "peak_memory_gib": peak,
-            "loss": float(loss.detach())}
+    return {"step_seconds_median": median(times), "step_seconds_all": times, "peak_memory_gib": peak, "loss": loss}
 
 
-def run(preset: str, device_name: str, bf16: bool, checkpointing: bool, compare: bool, long_side: int,
-        batch_size: int, text_tokens: int, max_image_tokens: int, warmup: int, steps: int,
-        peak: float | None) -> dict:
+def run(args) -> dict:
     import torch
 
     from modeling_nanovlm import NanoVLMForConditionalGeneration, small_config, tiny_config
     from processing import NanoVLMImageProcessor
 
-    device = torch.device(device_name)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    config = small_config() if preset == "small" else tiny_config()
+    config = {"small": small_config, "tiny": tiny_config}[args.preset]()
     model = NanoVLMForConditionalGeneration(config).to(device)
     model.config.text_config.use_cache = False
-    processor = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max(2048, long_side))
-    image_hw = (long_side * 3 // 4, long_side)
-    batch, plans, seq_len = build_batch(processor, batch_size, image_hw, text_tokens, config.image_token_id,
-                                        config.text_config.vocab_size, device)
-    flops = model_flops(model, plans, batch_size, seq_len)
-    parameters = sum(p.numel() for p in model.parameters())
+    processor = NanoVLMImageProcessor(max_image_tokens=args.max_image_tokens, max_image_size=max(2048, args.long_side))
+    image_hw = (args.long_side * 3 // 4, args.long_side)
+    batch, plan = image_batch(processor, *image_hw, config.image_token_id, device, args.text_tokens, args.batch_size)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    seq_len = plan.num_tokens + args.text_tokens
+    flops = model_flops(model, [plan] * args.batch_size, args.batch_size, seq_len)
 
-    main = measure(model, batch, device, bf16, checkpointing, warmup, steps)
-    other = measure(model, batch, device, bf16, not checkpointing, warmup, max(1, steps // 2)) if compare else None
-
+    main = measure(model, batch, device, args.bf16, args.checkpointing, args.warmup, args.steps)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = peak if peak is not None else (peak_tflops(gpu) if gpu else None)
+    peak = args.peak_tflops or (peak_tflops(gpu) if gpu else None)
     seconds = main["step_seconds_median"]
     achieved = flops["total"] / seconds / 1e12
     figures = {
         "benchmark": "gpu_check",
-        "settings": {"preset": preset, "parameters": parameters, "device": device_name, "gpu": gpu, "bf16": bf16,
-                     "checkpointing": checkpointing, "batch_size": batch_size, "image_hw": list(image_hw),
-                     "tower_patches_per_image": plans[0].num_patches, "image_tokens_per_image": plans[0].num_tokens,
-                     "shuffle_factor": plans[0].shuffle_factor, "text_tokens": text_tokens, "sequence_length": seq_len,
-                     "max_image_tokens": max_image_tokens, "warmup": warmup, "steps": steps,
-                     "peak_bf16_tflops": peak},
+        "settings": {"preset": args.preset, "parameters": sum(p.numel() for p in model.parameters()),
+                     "device": args.device, "gpu": gpu, "bf16": args.bf16, "checkpointing": args.checkpointing,
+                     "batch_size": args.batch_size, "image_hw": list(image_hw),
+                     "tower_patches_per_image": plan.num_patches, "image_tokens_per_image": plan.num_tokens,
+                     "shuffle_factor": plan.shuffle_factor, "text_tokens": args.text_tokens,
+                     "sequence_length": seq_len, "max_image_tokens": args.max_image_tokens, "warmup": args.warmup,
+                     "steps": args.steps, "peak_bf16_tflops": peak},
         "step_seconds": seconds,
         "step_seconds_all": main["step_seconds_all"],
-        "samples_per_second": batch_size / seconds,
-        "lm_tokens_per_second": batch_size * seq_len / seconds,
-        "tower_patches_per_second": batch_size * plans[0].num_patches / seconds,
+        "samples_per_second": args.batch_size / seconds,
+        "lm_tokens_per_second": args.batch_size * seq_len / seconds,
+        "tower_patches_per_second": args.batch_size * plan.num_patches / seconds,
         "peak_memory_gib": main["peak_memory_gib"],
         "model_flops_per_step": flops,
         "achieved_tflops": achieved,
         "mfu": achieved / peak if peak else None,
         "loss": main["loss"],
-        "environment": environment(),
     }
-    if other is not None:
-        label = "without_checkpointing" if checkpointing else "with_checkpointing"
-        figures[label] = other
+    if args.compare_no_checkpointing:  # the same batch with checkpointing toggled
+        other = measure(model, batch, device, args.bf16, not args.checkpointing, args.warmup, max(1, args.steps // 2))
+        figures["without_checkpointing" if args.checkpointing else "with_checkpointing"] = other
         if main["peak_memory_gib"] and other["peak_memory_gib"]:
-            on, off = (main, other) if checkpointing else (other, main)
+            on, off = (main, other) if args.checkpointing else (other, main)
             figures["memory_ratio_checkpointing_on_over_off"] = on["peak_memory_gib"] / off["peak_memory_gib"]
             figures["time_ratio_checkpointing_on_over_off"] = on["step_seconds_median"] / off["step_seconds_median"]
     return figures
 
 
 def report(figures: dict) -> str:
-    s = figures["settings"]
-    mem = figures["peak_memory_gib"]
+    s, flops, mem = figures["settings"], figures["model_flops_per_step"], figures["peak_memory_gib"]
     rows = [
         ["device", s["gpu"] or s["device"]],
         ["model", f"{s['preset']} preset, {s['parameters'] / 1e6:.1f} M parameters, random weights"],
@@ -198,19 +156,17 @@ def report(figures: dict) -> str:
         ["LM tokens/s", f"{figures['lm_tokens_per_second']:,.0f}"],
         ["tower patches/s", f"{figures['tower_patches_per_second']:,.0f}"],
         ["peak memory", "n/a (CPU)" if mem is None else f"{mem:.2f} GiB"],
-        ["model FLOPs/step", f"{_flops(figures['model_flops_per_step']['total'])} "
-                             f"(tower {_flops(figures['model_flops_per_step']['tower'])}, "
-                             f"LM {_flops(figures['model_flops_per_step']['lm'])})"],
+        ["model FLOPs/step", f"{_flops(flops['total'])} (tower {_flops(flops['tower'])}, LM {_flops(flops['lm'])})"],
         ["achieved", f"{_flops(figures['achieved_tflops'] * 1e12)}/s"],
         ["MFU", "n/a (unknown peak; pass --peak-tflops)" if figures["mfu"] is None
          else f"{100 * figures['mfu']:.1f} % of {s['peak_bf16_tflops']} TFLOP/s"],
     ]
     for label in ("without_checkpointing", "with_checkpointing"):
         if label in figures:
-            o = figures[label]
-            text = f"{o['step_seconds_median']:.3f} s/step"
-            if o["peak_memory_gib"] is not None:
-                text += f", peak {o['peak_memory_gib']:.2f} GiB"
+            other = figures[label]
+            text = f"{other['step_seconds_median']:.3f} s/step"
+            if other["peak_memory_gib"] is not None:
+                text += f", peak {other['peak_memory_gib']:.2f} GiB"
             rows.append([label.replace("_", " "), text])
     if "memory_ratio_checkpointing_on_over_off" in figures:
         rows.append(["checkpointing on/off", f"memory {figures['memory_ratio_checkpointing_on_over_off']:.2f}x, "
@@ -226,30 +182,7 @@ def _flops(value: float) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", choices=("small", "tiny"), default="small")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
-    parser.add_argument("--compare-no-checkpointing", action="store_true",
-                        help="also run the batch with checkpointing toggled (memory/time ratio)")
-    parser.add_argument("--long-side", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--text-tokens", type=int, default=256)
-    parser.add_argument("--max-image-tokens", type=int, default=1024)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
-    args = parser.parse_args(argv)
-    if args.quick:  # tests the script on a CPU: tiny preset, small image, two steps
-        args.preset, args.long_side, args.batch_size, args.text_tokens = "tiny", 256, 2, 32
-        args.max_image_tokens, args.warmup, args.steps = 64, 1, 1
-    figures = run(args.preset, args.device, args.bf16, args.checkpointing, args.compare_no_checkpointing,
-                  args.long_side, args.batch_size, args.text_tokens, args.max_image_tokens, args.warmup, args.steps,
-                  args.peak_tflops)
-    print(report(figures))
-    write_json(args.json, figures)
-    return figures
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report)
 
 
 if __name__ == "__main__":

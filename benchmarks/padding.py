@@ -1,31 +1,8 @@
 """Padding and tower calls per batch for one epoch of a realistic image/text mix: pure arithmetic from the plan.
 
-For each batching strategy, over one epoch (batch 16, and with a token budget where the sampler supports it):
-
-  image pad (pad-to-max)  fraction of tower patches that are padding when every image of a batch is padded to the
-                          batch's largest height and width (what a fixed-shape tower must do)
-  tower calls / batch     distinct image shapes per batch: the vision-tower calls nanoVLM makes, since it runs the
-                          tower once per shape and never pads an image
-  LM pad                  fraction of the padded LM batch (rows x longest row; a row is text tokens + its image
-                          tokens from the plan) that is padding
-
-Strategies:
-  (a) random        random batches (torch.randperm), as the stock Trainer's RandomSampler gives
-  (b) length/text   transformers' LengthGroupedSampler (trainer_pt_utils; the Trainer's
-                    train_sampling_strategy="group_by_length") on text length, image tokens excluded -- what it sees
-                    when lengths are computed before the processor expands <image>
-  (b') length/total the same sampler on text + image tokens (its best case)
-  (c) ours          BucketBatchSampler (image-size and aspect buckets, sorted by total length)
-  (d) ours + snap   BucketBatchSampler with the image processor snapping images to one shape per bucket
-                    (`snap_sizes` / `snap_aspect_ratios`), the sampler's buckets set to the same grid
-
-Streaming (second table): `StreamingBucketBatches` reading the same mix as a `datasets.IterableDataset` (8 shards,
-image sizes from `height`/`width` columns) with buffers of 256 / 1,024 / 8,192 rows, next to (a), (c) and (d): what
-bucketing inside a window of the stream gives up against bucketing the whole epoch (also with snapping).
-
-No model and no pixels: every figure comes from `NanoVLMImageProcessor.plan(h, w)`.
-
     python benchmarks/padding.py [--samples 20000] [--batch-size 16] [--json PATH] [--plot docs/padding.png]
+
+See docs/performance.md#padding.
 """
 
 from __future__ import annotations
@@ -35,10 +12,9 @@ from collections import Counter
 
 import numpy as np
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (
-    argument_parser,
-    environment,
+    SNAP_ASPECT_RATIOS,
+    benchmark_main,
     log_midpoints,
     mix_description,
     pct,
@@ -46,15 +22,14 @@ from _common import (
     save_figure,
     table,
     training_mix,
-    write_json,
 )
 
 GOALS = {"image_padding": 0.0, "lm_padding_max": 0.05, "tower_calls_per_batch_max": 1.2}
+OPTIONS = dict(samples=20000, batch_size=16, max_image_tokens=1024, max_image_size=2048, plot="")
+QUICK = dict(samples=1000)
 
-# Snapping grid for (d): long sides and width/height ratios one image can snap to, and the sampler buckets that
-# put each snapped shape in a bucket of its own (edges half-way between neighbours, on a log scale).
+# Snapping grid for (d), and sampler buckets that give each snapped shape a bucket of its own
 SNAP_SIZES = (128, 256, 512, 768, 1024, 1536, 2048)
-SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
 SNAP_BUCKETS = dict(size_buckets=log_midpoints(SNAP_SIZES), aspect_ratio_edges=log_midpoints(SNAP_ASPECT_RATIOS))
 
 
@@ -105,13 +80,15 @@ def chunks(indices, size) -> list[list]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
-def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max_image_size: int) -> dict:
+def run(args) -> dict:
     """Padding and tower-call figures of every strategy, whole-epoch and streamed, over one epoch of the mix."""
     from processing import NanoVLMImageProcessor
 
-    mix = training_mix(num_samples, seed=seed)
+    batch_size, seed = args.batch_size, args.seed
+    mix = training_mix(args.samples, seed=seed)
     sizes, text = mix["image_sizes"], mix["text_lengths"]
-    ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size)
+    budget_settings = {"max_image_tokens": args.max_image_tokens, "max_image_size": args.max_image_size}
+    ip = NanoVLMImageProcessor(**budget_settings)
     patch = ip.patch_size
     plans = sample_plans(ip, sizes)
     total = np.asarray(text) + plans["tokens"]
@@ -120,8 +97,8 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
 
     results = baseline_figures(plans, text, total, patch, batch_size, seed)
     results.update(bucket_figures(ip, sizes, plans, text, patch, batch_size, budget, seed))
-    snap_ip = NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                    snap_sizes=list(SNAP_SIZES), snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
+    snap_ip = NanoVLMImageProcessor(**budget_settings, snap_sizes=list(SNAP_SIZES),
+                                    snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))
     snap_plans = sample_plans(snap_ip, sizes)
     results.update(bucket_figures(snap_ip, sizes, snap_plans, text, patch, batch_size, budget, seed, **SNAP_BUCKETS))
     for key, figures in results.items():
@@ -140,8 +117,8 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
     return {
         "benchmark": "padding",
         "settings": {
-            "samples": num_samples, "batch_size": batch_size, "max_tokens_per_batch": budget, "seed": seed,
-            "max_image_tokens": max_image_tokens, "max_image_size": max_image_size, "patch_size": patch,
+            "samples": args.samples, "batch_size": batch_size, "max_tokens_per_batch": budget, "seed": seed,
+            **budget_settings, "patch_size": patch,
             "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
         },
         "mix": {**mix_description(), "counts": dict(Counter(mix["kinds"])),
@@ -151,7 +128,6 @@ def run(num_samples: int, batch_size: int, seed: int, max_image_tokens: int, max
         "strategies": results,
         "streaming": streaming,
         "notes": {"snapping_cost": snapping_cost(sizes, plans, snap_plans)},
-        "environment": environment(),
     }
 
 
@@ -325,20 +301,7 @@ def plot(figures: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=20000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-image-tokens", type=int, default=1024)
-    parser.add_argument("--max-image-size", type=int, default=2048)
-    parser.add_argument("--plot", metavar="PNG", help="write the bar chart here (full runs: docs/padding.png)")
-    args = parser.parse_args(argv)
-    samples = 1000 if args.quick else args.samples
-    figures = run(samples, args.batch_size, args.seed, args.max_image_tokens, args.max_image_size)
-    print(report(figures))
-    write_json(args.json, figures)
-    if args.plot:
-        plot(figures, args.plot)
-    return figures
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report, plot)
 
 
 if __name__ == "__main__":

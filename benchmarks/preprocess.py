@@ -1,77 +1,24 @@
 """Image preprocessing speed: nanoVLM's processor against the decode + resize floor and transformers' processors.
 
-The same JPEG photos for every method: offline photos (scikit-image astronaut, coffee, chelsea, rocket,
-hubble_deep_field, immunohistochemistry; scikit-learn's china and flower) resized to 640x480, 1024x768, 1600x1200,
-2048x1536 and 3000x2000 (every other photo portrait) and encoded as JPEG (quality 90). Every method starts from the
-encoded bytes and processes one image per call, as a DataLoader worker does. Methods:
-
-  decode              PIL decode + RGB, no resize (reference)
-  floor               PIL decode + RGB + bicubic resize to nanoVLM's planned size: what any PIL pipeline pays
-  ours float32        NanoVLMImageProcessor (default: normalised float32 patches)
-  ours uint8          NanoVLMImageProcessor(pixel_dtype="uint8"): uint8 patches, normalised by the model
-  ours full decode    ours float32 with reduced_jpeg_decode=False (the JPEG always decoded at full scale)
-  previous            the processor before this benchmark existed (full decode, copies, PIL resize, numpy float
-                      normalisation on the trailing axis), kept here verbatim for a before/after in one run
-  qwen2-vl            transformers' Qwen2VLImageProcessorPil, max_pixels set so its token count matches ours
-  idefics3            transformers' Idefics3ImageProcessorPil, longest_edge (a multiple of its 364-px tile) chosen
-                      so its token count is closest to ours
-
-Their torchvision ("fast") backends, transformers' default `Qwen2VLImageProcessor` / `Idefics3ImageProcessor`,
-need torchvision, which does not install beside the pinned torch 2.13.0 here; the benchmark says whether it could
-import them and runs them when it can.
-
-Methods take turns photo by photo (the order rotating), so load changes on a shared machine hit all alike. Ratios
-are per-image times from the same run.
-
-`--settings` lists max_image_tokens:max_image_size pairs; the default 1024:2048 is the processor's default (photos
-up to 3000 px shrink less than 2x, so JPEGs are decoded at full scale) and 256:1024 a training-size setting where
-the larger photos are decoded at reduced scale.
-
     python benchmarks/preprocess.py [--settings 1024:2048,256:1024] [--rounds 3] [--json PATH]
+
+See docs/performance.md#preprocessing.
 """
 
 from __future__ import annotations
 
 import io
-import time
+import math
 
 import numpy as np
 
-import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import argument_parser, environment, table, write_json
+from _common import benchmark_main, encoded_photos, rotated, table, timed
 
 PHOTO_SIZES = ((640, 480), (1024, 768), (1600, 1200), (2048, 1536), (3000, 2000))  # (width, height) landscape
 IDEFICS3_TILE, IDEFICS3_TOKENS_PER_TILE = 364, 169  # 26x26 patches of 14 px, pixel-shuffled by 2
 QWEN2_VL_FACTOR = 28  # 14-px patches merged 2x2: one token per 28x28 pixels
 GOAL_RATIO = 1.5
-
-
-def source_photos() -> dict[str, np.ndarray]:
-    from skimage import data
-    from sklearn.datasets import load_sample_images
-
-    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
-    photos = {name: getattr(data, name)() for name in names}
-    photos.update(zip(("china", "flower"), load_sample_images().images))
-    return photos
-
-
-def encoded_photos(num_sources: int | None = None, sizes=PHOTO_SIZES, quality: int = 90) -> list[dict]:
-    """Every source photo at every size as JPEG bytes; every other source portrait."""
-    from PIL import Image
-
-    out = []
-    for index, (name, pixels) in enumerate(list(source_photos().items())[:num_sources]):
-        for width, height in sizes:
-            if index % 2:
-                width, height = height, width
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).convert("RGB").resize((width, height), Image.BICUBIC).save(
-                buffer, format="JPEG", quality=quality
-            )
-            out.append({"name": f"{name}_{width}x{height}", "height": height, "width": width,
-                        "bytes": buffer.getvalue()})
-    return out
+OPTIONS = dict(settings="1024:2048,256:1024", rounds=3, threads=1)
 
 
 # --- methods: each maps JPEG bytes to (image tokens, bytes of pixel data it hands on) ----------------------------
@@ -153,12 +100,8 @@ def qwen2_vl_tokens(height: int, width: int, max_pixels: int) -> int:
 def idefics3_tokens(height: int, width: int, longest_edge: int) -> int:
     """Tiles + the global view, 169 tokens each (Idefics3's resize: long side to `longest_edge`, sides rounded up
     to whole tiles; a single tile gets no global view)."""
-    import math
-
     scale = longest_edge / max(height, width)
-    rows = math.ceil(height * scale / IDEFICS3_TILE)
-    cols = math.ceil(width * scale / IDEFICS3_TILE)
-    tiles = rows * cols
+    tiles = math.ceil(height * scale / IDEFICS3_TILE) * math.ceil(width * scale / IDEFICS3_TILE)
     return IDEFICS3_TOKENS_PER_TILE * (tiles + 1 if tiles > 1 else 1)
 
 
@@ -186,19 +129,16 @@ def fast_variants_status() -> dict:
                           "not run; installing torchvision would replace the pinned torch 2.13.0"}
 
 
-def build_methods(budget: int, max_image_size: int, photos: list[dict], fast: bool) -> tuple[dict, dict]:
+def build_methods(settings: dict, photos: list[dict], fast: bool) -> tuple[dict, object, dict]:
+    """The methods for one budget, its image processor, and the baselines' matched settings."""
+    import transformers
+
     from processing import NanoVLMImageProcessor
 
-    try:  # the PIL backends are their own classes since transformers 5.x's torchvision-first image processors
-        from transformers import Idefics3ImageProcessorPil, Qwen2VLImageProcessorPil
-    except ImportError:
-        from transformers import Idefics3ImageProcessor as Idefics3ImageProcessorPil
-        from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
-
-    settings = {"max_image_tokens": budget, "max_image_size": max_image_size}
     ip = NanoVLMImageProcessor(**settings)
-    our_tokens = float(np.mean([ip.num_image_tokens(p["height"], p["width"]) for p in photos]))
-    matched = matched_baselines(photos, our_tokens)
+    matched = matched_baselines(photos, float(np.mean([ip.num_image_tokens(p["height"], p["width"]) for p in photos])))
+    qwen_kwargs = {"max_pixels": matched["qwen2_vl_max_pixels"]}
+    idefics_kwargs = {"size": {"longest_edge": matched["idefics3_longest_edge"]}}
     methods = {
         "decode": decode_only,
         "floor (decode + resize)": decode_resize_floor,
@@ -206,81 +146,64 @@ def build_methods(budget: int, max_image_size: int, photos: list[dict], fast: bo
         "ours uint8": ours(NanoVLMImageProcessor(**settings, pixel_dtype="uint8")),
         "ours full decode": ours(NanoVLMImageProcessor(**settings, reduced_jpeg_decode=False)),
         "previous": previous_processor(ip),
-        "qwen2-vl (PIL)": qwen2_vl(Qwen2VLImageProcessorPil(max_pixels=matched["qwen2_vl_max_pixels"])),
-        "idefics3 (PIL)": idefics3(Idefics3ImageProcessorPil(size={"longest_edge": matched["idefics3_longest_edge"]})),
+        "qwen2-vl (PIL)": qwen2_vl(transformers.Qwen2VLImageProcessorPil(**qwen_kwargs)),
+        "idefics3 (PIL)": idefics3(transformers.Idefics3ImageProcessorPil(**idefics_kwargs)),
     }
     if fast:
-        from transformers import Idefics3ImageProcessor, Qwen2VLImageProcessor
-
-        methods["qwen2-vl (torchvision)"] = qwen2_vl(Qwen2VLImageProcessor(max_pixels=matched["qwen2_vl_max_pixels"]))
-        methods["idefics3 (torchvision)"] = idefics3(
-            Idefics3ImageProcessor(size={"longest_edge": matched["idefics3_longest_edge"]}))
-    return methods, {"processor": ip, "our_mean_tokens": our_tokens, **matched}
+        methods["qwen2-vl (torchvision)"] = qwen2_vl(transformers.Qwen2VLImageProcessor(**qwen_kwargs))
+        methods["idefics3 (torchvision)"] = idefics3(transformers.Idefics3ImageProcessor(**idefics_kwargs))
+    return methods, ip, matched
 
 
 def measure(methods: dict, photos: list[dict], ip, rounds: int) -> dict:
     """Per method: seconds, images, tokens, pixel bytes over `rounds` passes; methods alternate photo by photo."""
-    names = list(methods)
-    totals = {name: {"seconds": 0.0, "images": 0, "tokens": 0, "pixel_bytes": 0} for name in names}
-    turn = 0
-    for _ in range(rounds):
-        for photo in photos:
-            plan = ip.plan(photo["height"], photo["width"])
-            order = names[turn % len(names):] + names[: turn % len(names)]
-            turn += 1
-            for name in order:
-                start = time.perf_counter()
-                tokens, pixel_bytes = methods[name](photo["bytes"], plan)
-                seconds = time.perf_counter() - start
-                total = totals[name]
-                total["seconds"] += seconds
-                total["images"] += 1
-                total["tokens"] += tokens
-                total["pixel_bytes"] += pixel_bytes
-    return totals
+    totals = {name: {"seconds": 0.0, "images": 0, "tokens": 0, "pixel_bytes": 0} for name in methods}
+    for turn, photo in enumerate(photos * rounds):
+        plan = ip.plan(photo["height"], photo["width"])
+        for name in rotated(list(methods), turn):
+            (tokens, pixel_bytes), seconds = timed(methods[name], photo["bytes"], plan)
+            totals[name]["seconds"] += seconds
+            totals[name]["images"] += 1
+            totals[name]["tokens"] += tokens
+            totals[name]["pixel_bytes"] += pixel_bytes
+    return {name: {"ms_per_image": 1000 * t["seconds"] / t["images"],
+                   "images_per_second": t["images"] / t["seconds"],
+                   "image_tokens_per_second": t["tokens"] / t["seconds"] if t["tokens"] else None,
+                   "tokens_per_image": t["tokens"] / t["images"] if t["tokens"] else None,
+                   "pixel_mb_per_image": t["pixel_bytes"] / t["images"] / 2**20}
+            for name, t in totals.items()}
 
 
-def run(settings, rounds: int, num_sources: int | None, sizes, threads: int) -> dict:
+def run(args) -> dict:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
+    settings = [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+    num_sources, sizes = None, PHOTO_SIZES
+    if args.quick:
+        args.rounds, num_sources, sizes, settings = 1, 2, PHOTO_SIZES[:2], settings[:1]
     photos = encoded_photos(num_sources, sizes)
     fast = fast_variants_status()
     results = {}
     for budget, max_image_size in settings:
-        methods, info = build_methods(budget, max_image_size, photos, fast["available"])
+        methods, ip, matched = build_methods({"max_image_tokens": budget, "max_image_size": max_image_size}, photos,
+                                             fast["available"])
         for method in methods.values():  # warm-up: imports, first-call costs
-            method(photos[0]["bytes"], info["processor"].plan(photos[0]["height"], photos[0]["width"]))
-        totals = measure(methods, photos, info["processor"], rounds)
-        by_method = {}
-        for name, t in totals.items():
-            by_method[name] = {
-                "ms_per_image": 1000 * t["seconds"] / t["images"],
-                "images_per_second": t["images"] / t["seconds"],
-                "image_tokens_per_second": t["tokens"] / t["seconds"] if t["tokens"] else None,
-                "tokens_per_image": t["tokens"] / t["images"] if t["tokens"] else None,
-                "pixel_mb_per_image": t["pixel_bytes"] / t["images"] / 2**20,
-            }
+            method(photos[0]["bytes"], ip.plan(photos[0]["height"], photos[0]["width"]))
+        by_method = measure(methods, photos, ip, args.rounds)
         floor = by_method["floor (decode + resize)"]["ms_per_image"]
         results[f"{budget}:{max_image_size}"] = {
-            "max_image_tokens": budget,
-            "max_image_size": max_image_size,
-            "qwen2_vl_max_pixels": info["qwen2_vl_max_pixels"],
-            "idefics3_longest_edge": info["idefics3_longest_edge"],
-            "methods": by_method,
+            "max_image_tokens": budget, "max_image_size": max_image_size, **matched, "methods": by_method,
             "ratio_to_floor": {name: m["ms_per_image"] / floor for name, m in by_method.items()},
         }
     return {
         "benchmark": "preprocess",
-        "settings": {
-            "budgets": [f"{b}:{m}" for b, m in settings], "rounds": rounds, "photos": len(photos),
-            "photo_sizes": [f"{w}x{h}" for w, h in sizes], "jpeg_quality": 90, "torch_threads": threads,
-            "one_image_per_call": True,
-        },
+        "settings": {"budgets": [f"{b}:{m}" for b, m in settings], "rounds": args.rounds, "photos": len(photos),
+                     "photo_sizes": [f"{w}x{h}" for w, h in sizes], "jpeg_quality": 90, "torch_threads": args.threads,
+                     "one_image_per_call": True},
         "goal": {"ours_float32_vs_floor_max": GOAL_RATIO},
         "budgets": results,
         "fast_variants": fast,
-        "environment": environment(),
     }
 
 
@@ -288,12 +211,11 @@ def report(figures: dict) -> str:
     s = figures["settings"]
     out = []
     for r in figures["budgets"].values():
-        rows = []
-        for name, m in r["methods"].items():
-            rows.append([name, round(m["ms_per_image"], 1), round(m["images_per_second"], 1),
-                         None if m["image_tokens_per_second"] is None else round(m["image_tokens_per_second"]),
-                         None if m["tokens_per_image"] is None else round(m["tokens_per_image"]),
-                         round(m["pixel_mb_per_image"], 2), f"{r['ratio_to_floor'][name]:.2f}x"])
+        rows = [[name, round(m["ms_per_image"], 1), round(m["images_per_second"], 1),
+                 None if m["image_tokens_per_second"] is None else round(m["image_tokens_per_second"]),
+                 None if m["tokens_per_image"] is None else round(m["tokens_per_image"]),
+                 round(m["pixel_mb_per_image"], 2), f"{r['ratio_to_floor'][name]:.2f}x"]
+                for name, m in r["methods"].items()]
         out.append(table(
             ["method", "ms/image", "images/s", "image tokens/s", "tokens/image", "pixel MB/image", "x floor"], rows,
             title=f"Preprocessing, budget {r['max_image_tokens']} tokens, max side {r['max_image_size']}: "
@@ -312,20 +234,7 @@ def report(figures: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="1024:2048,256:1024",
-                        help="comma-separated max_image_tokens:max_image_size pairs")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over all photos")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one, as in a DataLoader worker)")
-    args = parser.parse_args(argv)
-    settings = [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")]
-    num_sources, sizes = None, PHOTO_SIZES
-    if args.quick:
-        args.rounds, num_sources, sizes, settings = 1, 2, PHOTO_SIZES[:2], settings[:1]
-    figures = run(settings, args.rounds, num_sources, sizes, args.threads)
-    print(report(figures))
-    write_json(args.json, figures)
-    return figures
+    return benchmark_main(argv, __doc__, OPTIONS, None, run, report)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke settings (seconds each)")
     parser.add_argument("--results", default=str(HERE / "results"), help="folder for <name>.json and <name>.txt")
     parser.add_argument("--only", help="comma-separated subset of " + ", ".join(BENCHMARKS))
-    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the benchmarks in this process (default: with --quick) or one process each")
     args = parser.parse_args(argv)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -90,7 +88,6 @@ def main(argv=None) -> int:
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHMARKS}")
-    in_process = args.quick if args.in_process is None else args.in_process
     cuda = cuda_available()
 
     summary = {}
@@ -103,7 +100,7 @@ def main(argv=None) -> int:
         command = f"python benchmarks/{name}.py {' '.join(_shown(a) for a in bench_args)}"
         print(f"== {name}: {command}", flush=True)
         start = time.perf_counter()
-        ok, text = (run_in_process if in_process else run_subprocess)(name, bench_args)
+        ok, text = (run_in_process if args.quick else run_subprocess)(name, bench_args)
         seconds = time.perf_counter() - start
         print(text, flush=True)
         (results / f"{name}.txt").write_text(f"$ {command}\n\n{text}")

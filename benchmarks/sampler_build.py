@@ -3,28 +3,21 @@
     python benchmarks/sampler_build.py --json benchmarks/results/sampler_build.json
     python benchmarks/sampler_build.py --quick          # 100,000 rows, 200 photos (seconds)
 
-1. A `datasets.Dataset` of `--rows` rows (default 1,000,000) with an `images` column, an `image_sizes` column (the
-   synthetic training mix of benchmarks/_common.py: photos, documents, screenshots, charts, small images; 1 in 20
-   rows has two images) and a `text_length` column. Times `BucketBatchSampler.from_dataset(dataset, ip,
-   text_length="text_length", batch_size=16)`: reading both columns, planning every row, cutting epoch 0's batches
-   (and epoch 1's, as the Trainer does at the next epoch).
-2. `add_image_sizes` on `--photos` rows of real encoded photos (scikit-image and scikit-learn samples, re-encoded as
-   JPEG / PNG at varied sizes, saved with `save_to_disk`): rows per second reading headers, with `num_proc=1` and
-   `num_proc=2`, and the second call's time (read back from the `datasets` cache). Checks that the sizes equal the
-   decoded images' sizes and that the sampler built from the column equals the one built from the headers.
+See docs/performance.md#sampler-build.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import argument_parser, environment, table, training_mix, write_json
+from _common import benchmark_main, source_photos, table, timed, training_mix
+
+OPTIONS = dict(rows=1_000_000, photos=4_000)
+QUICK = dict(rows=100_000, photos=200)
 
 
 def million_row_dataset(num_rows: int, seed: int):
@@ -60,19 +53,11 @@ def build_from_columns(num_rows: int, seed: int) -> dict:
 
     dataset = million_row_dataset(num_rows, seed)
     image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
-    started = time.perf_counter()
-    sampler = BucketBatchSampler.from_dataset(dataset, image_processor, text_length="text_length", batch_size=16,
-                                              seed=seed)
-    total = time.perf_counter() - started
-    started = time.perf_counter()
-    dataset_image_sizes(dataset)
-    read_sizes = time.perf_counter() - started
-    started = time.perf_counter()
-    dataset_text_lengths(dataset, "text_length", None)
-    read_lengths = time.perf_counter() - started
-    started = time.perf_counter()
-    sampler.batches(1)
-    next_epoch = time.perf_counter() - started
+    sampler, total = timed(BucketBatchSampler.from_dataset, dataset, image_processor, text_length="text_length",
+                           batch_size=16, seed=seed)
+    read_sizes = timed(dataset_image_sizes, dataset)[1]
+    read_lengths = timed(dataset_text_lengths, dataset, "text_length", None)[1]
+    next_epoch = timed(sampler.batches, 1)[1]
     return {
         "rows": num_rows,
         "images": int(sum(len(shapes) for shapes in sampler.shapes)),
@@ -89,11 +74,10 @@ def photo_dataset(folder: Path, num_rows: int, seed: int):
     """`num_rows` rows of real photos re-encoded at varied sizes (JPEG, 1 in 4 PNG; 1 in 10 rows with two)."""
     import datasets
     from PIL import Image
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_images
 
-    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), *load_sample_images().images]
-    photos = [Image.fromarray(photo) for photo in photos]
+    sources = source_photos()
+    names = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower")
+    photos = [Image.fromarray(sources[name]) for name in names]
     rng = np.random.default_rng(seed)
     encoded = []
     for index in range(64):  # distinct encodings, reused across rows
@@ -129,15 +113,12 @@ def header_helper(num_rows: int, seed: int) -> dict:
             copy = root / f"copy{num_proc}"
             datasets.load_from_disk(str(root / "photos")).save_to_disk(str(copy))
             dataset = datasets.load_from_disk(str(copy))
-            started = time.perf_counter()
-            with_sizes = add_image_sizes(dataset, num_proc=num_proc if num_proc > 1 else None)
-            seconds = time.perf_counter() - started
+            with_sizes, seconds = timed(add_image_sizes, dataset, num_proc=num_proc if num_proc > 1 else None)
             results[f"rows_per_second_num_proc_{num_proc}"] = round(num_rows / seconds)
             if num_proc == 1:
                 assert with_sizes["image_sizes"] == truth, "add_image_sizes disagrees with the decoded sizes"
-                started = time.perf_counter()
-                again = add_image_sizes(datasets.load_from_disk(str(copy)))
-                results["cached_call_seconds"] = round(time.perf_counter() - started, 3)
+                again, seconds = timed(add_image_sizes, datasets.load_from_disk(str(copy)))
+                results["cached_call_seconds"] = round(seconds, 3)
                 assert again["image_sizes"] == truth
                 image_processor = NanoVLMImageProcessor(max_image_tokens=256, max_image_size=1024)
                 from_column = BucketBatchSampler.from_dataset(with_sizes, image_processor, "text_length", batch_size=8)
@@ -164,21 +145,16 @@ def report(figures: dict) -> str:
     return f"{columns}\n\n{header_table}"
 
 
-def main(argv=None) -> dict:
-    parser = argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=None, help="rows of the size-column dataset (default 1,000,000)")
-    parser.add_argument("--photos", type=int, default=None, help="rows of real photos for add_image_sizes")
-    args = parser.parse_args(argv)
-    rows = args.rows or (100_000 if args.quick else 1_000_000)
-    photos = args.photos or (200 if args.quick else 4_000)
-    build = build_from_columns(rows, args.seed)
-    headers = header_helper(photos, args.seed)
+def run(args) -> dict:
+    build = build_from_columns(args.rows, args.seed)
+    headers = header_helper(args.photos, args.seed)
     headers["seconds_per_million_rows_num_proc_1"] = round(1_000_000 / headers["rows_per_second_num_proc_1"])
-    figures = {"settings": {"rows": rows, "photos": photos, "seed": args.seed, "quick": args.quick},
-               "from_columns": build, "add_image_sizes": headers, "environment": environment()}
-    print(report(figures))
-    write_json(args.json, figures)
-    return figures
+    return {"settings": {"rows": args.rows, "photos": args.photos, "seed": args.seed, "quick": args.quick},
+            "from_columns": build, "add_image_sizes": headers}
+
+
+def main(argv=None) -> dict:
+    return benchmark_main(argv, __doc__, OPTIONS, QUICK, run, report)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,16 @@
-"""Training throughput: nanoVLM's bucketing sampler vs random batching vs padding images to the batch's largest.
-
-Same tiny model (same initial weights, one copy per strategy), same rows, same run. Every strategy trains exactly
-one epoch of the same rows (the `padding.py` mix, images and text shrunk so a CPU step is short), the strategies
-taking turns every few batches so that load changes on a shared machine hit all of them alike; one warm-up step
-each is not counted. pad-to-max, which is slow, trains only its first batches: its batches are random, so a few of
-them cost per sample what its epoch would. Each step is the Trainer's own data path and step:
-
-  ours        `NanoVLMTrainer.get_train_dataloader()` (BucketBatchSampler, passed as `batch_sampler=` because it is
-              built from the known sizes and lengths, + NanoVLMCollator, prepared by accelerate)
-  ours+snap   the same with the image processor snapping images to one shape per bucket (sampler buckets to match)
-  random      the stock `transformers.Trainer` dataloader (RandomSampler, batch 16) with the same NanoVLMCollator:
-              images keep their shapes, the tower runs once per distinct shape
-  pad-to-max  the same random batches, every image pasted on a canvas of the batch's largest planned size (what a
-              fixed-shape VLM must do): one tower call per batch over padded pixels
-
-then `Trainer.training_step` (forward, loss normalised by the batch's answer tokens, backward), gradient clipping
-and an AdamW step. `trainer.train()` itself is not used because two runs cannot alternate inside it.
-
-samples/s counts training samples; tokens/s counts useful LM tokens (text + the sample's own planned image
-tokens, no padding, the same per sample for every strategy).
-
-Also reported: image tokens per image of nanoVLM's plan vs upstream nanoVLM's scheme (huggingface/nanoVLM: long
-side resized to 2048, 512-px tiles + one global view, 64 tokens each), for the same image mix (this run's small
-images and the full-size mix of `padding.py`).
-
-The input pipeline (`--sections pipeline,breakdown`), on rows whose images are JPEG photos (bytes; the photos of
-`preprocess.py` at 640x480, 1024x768 and 1600x1200), so decoding is paid as in real training:
-
-  pipeline    samples/s of `NanoVLMTrainer`'s dataloader + step with 0 vs 2 DataLoader workers and float32 vs uint8
-              pixel transport (the image processor's `pixel_dtype`); after 2 uncounted warm-up batches each, every
-              configuration runs `--turn-batches` batches per turn from a fresh dataloader iterator (worker
-              start-up included), configurations taking turns; reported over all turns and for the median turn
-  breakdown   where a step's time goes, measured in the training process (0 workers): JPEG decode, resize +
-              patchify + normalise, the rest of collation (chat template, tokenising, labels), vision tower
-              (forward + backward), LM (the rest of forward + backward), optimizer (clip + AdamW step); optionally
-              drawn as a stacked bar (`--breakdown-plot docs/throughput_breakdown.png`)
+"""Training throughput: nanoVLM's bucketing sampler vs random batching vs padding images to the batch's largest;
+and the input pipeline: DataLoader workers, uint8 pixel transport, and where a training step's time goes.
 
     python benchmarks/throughput.py [--samples 1600] [--window 4] [--pad-batches 16] [--json PATH]
     python benchmarks/throughput.py --sections pipeline,breakdown [--breakdown-plot PATH]
+
+See docs/performance.md#training-throughput and docs/performance.md#input-pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import tempfile
 import time
@@ -49,28 +18,36 @@ from collections import deque
 
 import numpy as np
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (
-    argument_parser,
-    environment,
+    SNAP_ASPECT_RATIOS,
+    encoded_photos,
+    finish,
+    load_average,
     log_midpoints,
     median,
+    parse_args,
     pct,
     pyplot,
+    rotated,
     save_figure,
     set_torch_threads,
     table,
+    tiny_model,
     training_mix,
     upstream_nanovlm_tokens,
-    write_json,
 )
-from processing import NanoVLMCollator, load_image
+from processing import NanoVLMCollator, NanoVLMImageProcessor, NanoVLMProcessor, load_image
 
 WORDS = ("the a digit cat cup page chart shows value of in on at left right top bottom red blue green small large "
          "line bar axis title text number year total price man woman car tree sky dog house road sign window "
          "table plot figure image photo screen button menu icon").split()
 SNAP_SIZES = (32, 64, 96, 128, 192, 256, 384, 512)
-SNAP_ASPECT_RATIOS = (1 / 3, 9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9, 3.0)
+PIPELINE_SIZES = ((640, 480), (1024, 768), (1600, 1200))
+SECTIONS = ("strategies", "pipeline", "breakdown")
+OPTIONS = dict(sections=",".join(SECTIONS), samples=1600, window=4, pad_batches=16, batch_size=16, threads=1,
+               image_scale=0.125, text_scale=0.25, max_image_tokens=64, max_image_size=256, lr=1e-3,
+               strategies="ours,random,pad-to-max", turn_batches=8, turns=8, breakdown_batches=12, breakdown_plot="")
+QUICK = dict(samples=32, window=2, pad_batches=2, batch_size=8, turn_batches=2, turns=1, breakdown_batches=2)
 
 
 def bench_tokenizer():
@@ -90,23 +67,33 @@ def random_words(rng: np.random.Generator, token_lengths, tokens_per_word: float
     return [" ".join(rng.choice(WORDS, max(1, round(n / tokens_per_word)))) + end for n in token_lengths]
 
 
-def training_arguments(output_dir: str, batch_size: int, lr: float, seed: int, workers: int, **extra):
+def make_processor(tokenizer, args, **settings):
+    """A NanoVLMProcessor at the run's budget (`--max-image-tokens`, `--max-image-size`)."""
+    return NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=args.max_image_tokens,
+                                                  max_image_size=args.max_image_size, **settings), tokenizer)
+
+
+def training_arguments(output_dir: str, args, workers: int = 0, **extra):
     """The TrainingArguments every benchmark Trainer shares: CPU, no saving or reporting, gradient clipping at 1."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[], use_cpu=True,
-        disable_tqdm=True, save_strategy="no", seed=seed, dataloader_num_workers=workers, max_grad_norm=1.0, **extra,
+        output_dir=output_dir, per_device_train_batch_size=args.batch_size, learning_rate=args.lr, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", seed=args.seed, dataloader_num_workers=workers,
+        max_grad_norm=1.0, **extra,
     )
 
 
-def train_step(trainer, model, batch) -> float:
+def trainer_step(trainer, model, batch) -> float:
     """The Trainer's step (forward, loss over the batch's answer tokens, backward), clipping and the optimizer step."""
     loss = trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
     trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
     trainer.optimizer.step()
     model.zero_grad(set_to_none=True)
     return float(loss)
+
+
+# Batching strategies
 
 
 class SyntheticRows:
@@ -122,26 +109,21 @@ class SyntheticRows:
     def __len__(self):
         return len(self.sizes)
 
-    def image(self, index):
+    def __getitem__(self, index):
         from PIL import Image
 
         height, width = self.sizes[index]
-        return Image.new("RGB", (width, height), ((37 * index) % 256, (91 * index) % 256, (53 * index) % 256))
-
-    def __getitem__(self, index):
-        row = {"image": self.image(index), "prompt": self.prompts[index], "answer": self.answers[index]}
+        color = ((37 * index) % 256, (91 * index) % 256, (53 * index) % 256)
+        row = {"image": Image.new("RGB", (width, height), color), "prompt": self.prompts[index],
+               "answer": self.answers[index]}
         if self.useful_tokens is not None:
             row["useful_tokens"] = self.useful_tokens[index]
         return row
 
 
 class BenchCollator(NanoVLMCollator):
-    """NanoVLMCollator that logs (rows, useful tokens) of every batch in order (FIFO), optionally padding images.
-
-    With `pad_to_max`, every image of a batch is first resized to its own plan, then pasted (top-left, background
-    colour) on a canvas of the batch's largest planned height and width; the canvases go through the same
-    processor, so the tower runs once over a padded batch and the LM sees the canvas' tokens.
-    """
+    """NanoVLMCollator that logs (rows, useful tokens) of every batch in order (FIFO). With `pad_to_max`, every image
+    of a batch is resized to its own plan and pasted (top-left) on a canvas of the batch's largest planned size."""
 
     def __init__(self, processor, log: deque, pad_to_max: bool = False):
         super().__init__(processor)
@@ -167,99 +149,86 @@ class BenchCollator(NanoVLMCollator):
         return padded
 
 
-def image_token_comparison(processor_kwargs: dict, small_mix: dict, full_mix_samples: int, seed: int) -> dict:
+def image_token_comparison(args, small_mix: dict) -> dict:
     """Mean image tokens per image: nanoVLM's plan vs upstream nanoVLM's tiles, on this run's and the full mix."""
-    from processing import NanoVLMImageProcessor
-
-    out = {}
-    full = training_mix(full_mix_samples, seed=seed)["image_sizes"]
+    full = training_mix(1000 if args.quick else 20000, seed=args.seed)["image_sizes"]
     cases = {
-        "throughput_mix": (small_mix["image_sizes"], NanoVLMImageProcessor(**processor_kwargs), processor_kwargs),
-        "full_mix_budget_1024": (full, NanoVLMImageProcessor(), {"max_image_tokens": 1024, "max_image_size": 2048}),
-        "full_mix_budget_256": (full, NanoVLMImageProcessor(max_image_tokens=256), {"max_image_tokens": 256,
-                                                                                    "max_image_size": 2048}),
+        "throughput_mix": (small_mix["image_sizes"], args.max_image_tokens, args.max_image_size),
+        "full_mix_budget_1024": (full, 1024, 2048),
+        "full_mix_budget_256": (full, 256, 2048),
     }
-    for name, (sizes, ip, settings) in cases.items():
-        ours = np.array([ip.num_image_tokens(h, w) for h, w in sizes])
-        up_2048 = np.array([upstream_nanovlm_tokens(h, w, resize_to_max_side=True) for h, w in sizes])
-        up_cap = np.array([upstream_nanovlm_tokens(h, w, resize_to_max_side=False) for h, w in sizes])
+    out = {}
+    for name, (sizes, budget, max_size) in cases.items():
+        ip = NanoVLMImageProcessor(max_image_tokens=budget, max_image_size=max_size)
+        ours = np.mean([ip.num_image_tokens(h, w) for h, w in sizes])
+        up_2048 = np.mean([upstream_nanovlm_tokens(h, w, resize_to_max_side=True) for h, w in sizes])
+        up_cap = np.mean([upstream_nanovlm_tokens(h, w, resize_to_max_side=False) for h, w in sizes])
         out[name] = {
             "images": len(sizes),
-            "nanovlm_settings": settings,
-            "ours_tokens_per_image": float(ours.mean()),
-            "upstream_resize_to_2048_tokens_per_image": float(up_2048.mean()),
-            "upstream_cap_2048_tokens_per_image": float(up_cap.mean()),
-            "ratio_upstream_2048_over_ours": float(up_2048.mean() / ours.mean()),
-            "ratio_upstream_cap_over_ours": float(up_cap.mean() / ours.mean()),
+            "nanovlm_settings": {"max_image_tokens": budget, "max_image_size": max_size},
+            "ours_tokens_per_image": float(ours),
+            "upstream_resize_to_2048_tokens_per_image": float(up_2048),
+            "upstream_cap_2048_tokens_per_image": float(up_cap),
+            "ratio_upstream_2048_over_ours": float(up_2048 / ours),
+            "ratio_upstream_cap_over_ours": float(up_cap / ours),
         }
     return out
 
 
-def build_strategies(rows, processor, snap_processor, text_lengths, batch_size, seed, lr, output_dir, names):
-    """One Trainer (and one copy of the same initial model) per strategy, with its own train dataloader."""
-    import copy
-
-    import torch
+def build_strategy(name, rows, processors, text_lengths, base, args, output_dir) -> dict:
+    """A Trainer with its own copy of the initial model and its own train dataloader."""
     from transformers import Trainer
 
-    from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
+    from modeling_nanovlm import NanoVLMTrainer
     from processing import BucketBatchSampler
 
-    torch.manual_seed(seed)
-    tokenizer = processor.tokenizer
-    base = NanoVLMForConditionalGeneration(
-        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id)
-    )
-    args = training_arguments(output_dir, batch_size, lr, seed, workers=0, remove_unused_columns=False)
-    strategies = {}
-    for name in names:
-        log = deque()
-        model = copy.deepcopy(base)
-        if name in ("ours", "ours+snap"):
-            # The sampler NanoVLMTrainer would build with BucketBatchSampler.from_dataset, built here from the known
-            # sizes and text lengths (from_dataset would read every row again: slow for a large synthetic set).
-            snap = name == "ours+snap"
-            proc = snap_processor if snap else processor
-            buckets = dict(size_buckets=log_midpoints(SNAP_SIZES),
-                           aspect_ratio_edges=log_midpoints(SNAP_ASPECT_RATIOS)) if snap else {}
-            sampler = BucketBatchSampler(rows.sizes, text_lengths, proc.image_processor, batch_size=batch_size,
-                                         seed=seed, **buckets)
-            trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=proc,
-                                     data_collator=BenchCollator(proc, log), batch_sampler=sampler)
-        elif name == "random":
-            trainer = Trainer(model=model, args=args, train_dataset=rows,
-                              data_collator=BenchCollator(processor, log))
-        elif name == "pad-to-max":
-            trainer = Trainer(model=model, args=args, train_dataset=rows,
-                              data_collator=BenchCollator(processor, log, pad_to_max=True))
-        else:
-            raise ValueError(f"unknown strategy {name!r}")
-        trainer.create_optimizer()
-        strategies[name] = {"trainer": trainer, "model": model, "log": log, "loader": trainer.get_train_dataloader(),
-                            "iterator": None}
-    return strategies
+    log, model = deque(), copy.deepcopy(base)
+    train_args = training_arguments(output_dir, args, remove_unused_columns=False)
+    if name in ("ours", "ours+snap"):
+        # built from the known sizes and text lengths, as BucketBatchSampler.from_dataset would (without reading
+        # every row again)
+        proc = processors[name]
+        buckets = dict(size_buckets=log_midpoints(SNAP_SIZES),
+                       aspect_ratio_edges=log_midpoints(SNAP_ASPECT_RATIOS)) if name == "ours+snap" else {}
+        sampler = BucketBatchSampler(rows.sizes, text_lengths, proc.image_processor, batch_size=args.batch_size,
+                                     seed=args.seed, **buckets)
+        trainer = NanoVLMTrainer(model=model, args=train_args, train_dataset=rows, processing_class=proc,
+                                 data_collator=BenchCollator(proc, log), batch_sampler=sampler)
+    elif name in ("random", "pad-to-max"):
+        collator = BenchCollator(processors["ours"], log, pad_to_max=name == "pad-to-max")
+        trainer = Trainer(model=model, args=train_args, train_dataset=rows, data_collator=collator)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+    trainer.create_optimizer()
+    return {"trainer": trainer, "model": model, "log": log, "loader": trainer.get_train_dataloader(),
+            "iterator": None}
 
 
-def next_batch(strategy):
-    """The strategy's next batch of its first epoch, or None when the epoch is over."""
-    if strategy["iterator"] is None:
-        strategy["iterator"] = iter(strategy["loader"])
-    return next(strategy["iterator"], None)
+def warm_up(strategy: dict) -> None:
+    """One uncounted step (no optimizer step) on a batch from a second, throw-away iterator of the dataloader."""
+    warm_iterator = iter(strategy["trainer"].get_train_dataloader())
+    batch = next(warm_iterator)
+    strategy["trainer"].training_step(strategy["model"], batch,
+                                      num_items_in_batch=int((batch["labels"] != -100).sum()))
+    strategy["model"].zero_grad(set_to_none=True)
+    del warm_iterator
+    strategy["log"].clear()
 
 
 def train_window(strategy, steps: int) -> dict:
     """Up to `steps` training steps (data loading included): seconds, samples, useful tokens, tower calls, padding."""
-    trainer, model = strategy["trainer"], strategy["model"]
+    if strategy["iterator"] is None:
+        strategy["iterator"] = iter(strategy["loader"])
     done = samples = useful = lm_positions = tower_calls = patches = 0
-    losses = []
+    loss_sum = 0.0
     start = time.perf_counter()
     for _ in range(steps):
-        batch = next_batch(strategy)
+        batch = next(strategy["iterator"], None)
         if batch is None:
             strategy["finished"] = True
             break
         rows, useful_tokens = strategy["log"].popleft()
-        losses.append(train_step(trainer, model, batch))
+        loss_sum += trainer_step(strategy["trainer"], strategy["model"], batch)
         done += 1
         samples += rows
         useful += useful_tokens
@@ -268,92 +237,25 @@ def train_window(strategy, steps: int) -> dict:
         tower_calls += len({tuple(g) for g in grids.tolist()})
         patches += int(grids.prod(-1).sum())
     return {"seconds": time.perf_counter() - start, "steps": done, "samples": samples, "useful_tokens": useful,
-            "lm_positions": lm_positions, "tower_calls": tower_calls, "tower_patches": patches,
-            "loss_sum": float(np.sum(losses))}
+            "lm_positions": lm_positions, "tower_calls": tower_calls, "tower_patches": patches, "loss_sum": loss_sum}
 
 
-def run(num_samples, window, pad_batches, batch_size, seed, threads, image_scale, text_scale, max_image_tokens,
-        max_image_size, lr, names, full_mix_samples) -> dict:
-    """One epoch per batching strategy, strategies taking turns every `window` batches: samples/s, tokens/s."""
-    from processing import NanoVLMImageProcessor, NanoVLMProcessor
-
-    set_torch_threads(threads)
-    mix = training_mix(num_samples, seed=seed, image_scale=image_scale, text_scale=text_scale)
-    tokenizer = bench_tokenizer()
-    processor_kwargs = {"max_image_tokens": max_image_tokens, "max_image_size": max_image_size}
-    processor = NanoVLMProcessor(NanoVLMImageProcessor(**processor_kwargs), tokenizer)
-    snap_processor = NanoVLMProcessor(
-        NanoVLMImageProcessor(**processor_kwargs, snap_sizes=list(SNAP_SIZES),
-                              snap_aspect_ratios=list(SNAP_ASPECT_RATIOS)), tokenizer)
-    rows = SyntheticRows(mix, tokens_per_word(tokenizer), seed)
-    collator = NanoVLMCollator(processor)
-    text_lengths = [collator.text_length({"prompt": p, "answer": a}) for p, a in zip(rows.prompts, rows.answers)]
-    image_tokens = [processor.image_processor.num_image_tokens(h, w) for h, w in mix["image_sizes"]]
-    rows.useful_tokens = [t + i for t, i in zip(text_lengths, image_tokens)]
-
-    with tempfile.TemporaryDirectory() as output_dir:
-        strategies = build_strategies(rows, processor, snap_processor, text_lengths, batch_size, seed, lr,
-                                      output_dir, names)
-        for name in names:
-            warm_up(strategies[name])
-        windows = alternate_windows(strategies, names, window, pad_batches)
-
-    results = {name: strategy_figures(windows[name], num_samples, padded_images=name == "pad-to-max")
-               for name in names}
-    ratios = {}
-    for a, b in (("ours", "random"), ("ours", "pad-to-max"), ("ours+snap", "random"), ("ours+snap", "ours")):
-        if a in results and b in results:
-            ratios[f"{a}_vs_{b}"] = {key: results[a][key] / results[b][key]
-                                     for key in ("samples_per_second", "useful_tokens_per_second")}
-    return {
-        "benchmark": "throughput",
-        "settings": {
-            "samples": num_samples, "window_steps": window, "pad_to_max_batches": pad_batches,
-            "batch_size": batch_size, "seed": seed, "torch_threads": threads, "image_scale": image_scale,
-            "text_scale": text_scale, "max_image_tokens": max_image_tokens, "max_image_size": max_image_size,
-            "model": "tiny_config (~1M parameters, random weights), fp32",
-            "training_loop": "each strategy's Trainer dataloader (one epoch) + Trainer.training_step + clip + AdamW "
-                             "step, strategies alternating every window_steps batches",
-            "mean_text_tokens": float(np.mean(text_lengths)), "mean_image_tokens": float(np.mean(image_tokens)),
-            "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
-        },
-        "goal": {"ours_vs_random_samples_per_second_min": 2.0},
-        "strategies": results,
-        "ratios": ratios,
-        "image_tokens_vs_upstream": image_token_comparison(processor_kwargs, mix, full_mix_samples, seed),
-        "environment": environment(),
-    }
-
-
-def warm_up(strategy: dict) -> None:
-    """One uncounted step on a batch from a second, throw-away iterator of the strategy's dataloader."""
-    warm_iterator = iter(strategy["trainer"].get_train_dataloader())
-    batch = next(warm_iterator)
-    strategy["log"].popleft()
-    strategy["trainer"].training_step(strategy["model"], batch,
-                                      num_items_in_batch=int((batch["labels"] != -100).sum()))
-    strategy["model"].zero_grad(set_to_none=True)
-    del warm_iterator
-    strategy["log"].clear()
-
-
-def alternate_windows(strategies: dict, names: list[str], window: int, pad_batches: int) -> dict[str, list[dict]]:
+def alternate_windows(strategies: dict, window: int, pad_batches: int) -> dict[str, list[dict]]:
     """Train every strategy to the end of its epoch (pad-to-max: `pad_batches` batches), `window` batches a turn,
     the strategy that goes first rotating each round. Returns each strategy's windows (`train_window` results)."""
-    windows = {name: [] for name in names}
+    windows = {name: [] for name in strategies}
 
     def left(name):  # batches pad-to-max still has to train
         return pad_batches - sum(w["steps"] for w in windows[name])
 
     round_index = 0
     while True:
-        active = [n for n in names if not strategies[n].get("finished") and not (n == "pad-to-max" and left(n) <= 0)]
+        active = [n for n in strategies
+                  if not strategies[n].get("finished") and not (n == "pad-to-max" and left(n) <= 0)]
         if not active:
             return windows
-        order = active[round_index % len(active):] + active[: round_index % len(active)]  # rotate the leader
-        for name in order:
-            steps = min(window, left(name)) if name == "pad-to-max" else window
-            result = train_window(strategies[name], steps)
+        for name in rotated(active, round_index):
+            result = train_window(strategies[name], min(window, left(name)) if name == "pad-to-max" else window)
             if result["steps"]:
                 windows[name].append(result)
         round_index += 1
@@ -381,15 +283,59 @@ def strategy_figures(windows: list[dict], num_samples: int, padded_images: bool)
     }
 
 
-def report(figures: dict) -> str:
+def run_strategies(args) -> dict:
+    """One epoch per batching strategy, strategies taking turns every `--window` batches: samples/s, tokens/s."""
+    set_torch_threads(args.threads)
+    names = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    mix = training_mix(args.samples, seed=args.seed, image_scale=args.image_scale, text_scale=args.text_scale)
+    tokenizer = bench_tokenizer()
+    processors = {"ours": make_processor(tokenizer, args),
+                  "ours+snap": make_processor(tokenizer, args, snap_sizes=list(SNAP_SIZES),
+                                         snap_aspect_ratios=list(SNAP_ASPECT_RATIOS))}
+    rows = SyntheticRows(mix, tokens_per_word(tokenizer), args.seed)
+    collator = NanoVLMCollator(processors["ours"])
+    text_lengths = [collator.text_length({"prompt": p, "answer": a}) for p, a in zip(rows.prompts, rows.answers)]
+    image_tokens = [processors["ours"].image_processor.num_image_tokens(h, w) for h, w in mix["image_sizes"]]
+    rows.useful_tokens = [t + i for t, i in zip(text_lengths, image_tokens)]
+    base = tiny_model(tokenizer, processors["ours"].image_token_id, args.seed)
+    with tempfile.TemporaryDirectory() as output_dir:
+        strategies = {name: build_strategy(name, rows, processors, text_lengths, base, args, output_dir)
+                      for name in names}
+        for strategy in strategies.values():
+            warm_up(strategy)
+        windows = alternate_windows(strategies, args.window, args.pad_batches)
+    results = {name: strategy_figures(windows[name], args.samples, padded_images=name == "pad-to-max")
+               for name in names}
+    ratios = {}
+    for a, b in (("ours", "random"), ("ours", "pad-to-max"), ("ours+snap", "random"), ("ours+snap", "ours")):
+        if a in results and b in results:
+            ratios[f"{a}_vs_{b}"] = {key: results[a][key] / results[b][key]
+                                     for key in ("samples_per_second", "useful_tokens_per_second")}
+    return {
+        "settings": {
+            "samples": args.samples, "window_steps": args.window, "pad_to_max_batches": args.pad_batches,
+            "batch_size": args.batch_size, "seed": args.seed, "torch_threads": args.threads,
+            "image_scale": args.image_scale, "text_scale": args.text_scale,
+            "max_image_tokens": args.max_image_tokens, "max_image_size": args.max_image_size,
+            "model": "tiny_config (~1M parameters, random weights), fp32",
+            "training_loop": "each strategy's Trainer dataloader (one epoch) + Trainer.training_step + clip + AdamW "
+                             "step, strategies alternating every window_steps batches",
+            "mean_text_tokens": float(np.mean(text_lengths)), "mean_image_tokens": float(np.mean(image_tokens)),
+            "snap_sizes": list(SNAP_SIZES), "snap_aspect_ratios": [round(r, 4) for r in SNAP_ASPECT_RATIOS],
+        },
+        "goal": {"ours_vs_random_samples_per_second_min": 2.0},
+        "strategies": results,
+        "ratios": ratios,
+        "image_tokens_vs_upstream": image_token_comparison(args, mix),
+    }
+
+
+def strategies_report(figures: dict) -> str:
     s = figures["settings"]
-    rows = []
-    for name, f in figures["strategies"].items():
-        rows.append([name, f["batches"], round(f["samples_per_second"], 1), round(f["useful_tokens_per_second"]),
-                     round(f["seconds_per_batch"], 3),
-                     pct(f["lm_padding"]),
-                     round(f["lm_positions_per_sample"]), round(f["tower_calls_per_batch"], 2),
-                     round(f["tower_patches_per_sample"])])
+    rows = [[name, f["batches"], round(f["samples_per_second"], 1), round(f["useful_tokens_per_second"]),
+             round(f["seconds_per_batch"], 3), pct(f["lm_padding"]), round(f["lm_positions_per_sample"]),
+             round(f["tower_calls_per_batch"], 2), round(f["tower_patches_per_sample"])]
+            for name, f in figures["strategies"].items()]
     out = [table(["strategy", "batches", "samples/s", "tokens/s", "s/batch", "LM pad", "LM positions/sample",
                   "tower calls/batch", "tower patches/sample"], rows,
                  title=f"Training throughput: tiny model, batch {s['batch_size']}, one epoch of {s['samples']} "
@@ -404,13 +350,11 @@ def report(figures: dict) -> str:
     if "ours_vs_random" in figures["ratios"]:
         ratio = figures["ratios"]["ours_vs_random"]["samples_per_second"]
         out.append(f"goal ours/random >= {goal}x: {'met' if ratio >= goal else 'MISSED'} ({ratio:.2f}x)")
-    rows = []
-    for name, c in figures["image_tokens_vs_upstream"].items():
-        rows.append([name, c["images"],
-                     f"{c['nanovlm_settings']['max_image_tokens']}/{c['nanovlm_settings']['max_image_size']}",
-                     round(c["ours_tokens_per_image"]), round(c["upstream_resize_to_2048_tokens_per_image"]),
-                     round(c["ratio_upstream_2048_over_ours"], 2), round(c["upstream_cap_2048_tokens_per_image"]),
-                     round(c["ratio_upstream_cap_over_ours"], 2)])
+    rows = [[name, c["images"], "{max_image_tokens}/{max_image_size}".format(**c["nanovlm_settings"]),
+             round(c["ours_tokens_per_image"]), round(c["upstream_resize_to_2048_tokens_per_image"]),
+             round(c["ratio_upstream_2048_over_ours"], 2), round(c["upstream_cap_2048_tokens_per_image"]),
+             round(c["ratio_upstream_cap_over_ours"], 2)]
+            for name, c in figures["image_tokens_vs_upstream"].items()]
     out.append("")
     out.append(table(["image mix", "images", "budget/max size", "ours tok/img", "upstream (resize to 2048)",
                       "x ours", "upstream (cap 2048)", "x ours"], rows,
@@ -419,19 +363,13 @@ def report(figures: dict) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------------------------------------------
 # The input pipeline: workers, uint8 transport, and where a step's time goes
-# --------------------------------------------------------------------------------------------------------------
-
-PIPELINE_SIZES = ((640, 480), (1024, 768), (1600, 1200))
 
 
 class PhotoRows:
     """Rows {"image": JPEG bytes, "prompt", "answer"}: the benchmark photos, cycled, with the mix's text lengths."""
 
     def __init__(self, num_samples: int, tokens_per_word: float, seed: int, quick: bool):
-        from preprocess import encoded_photos
-
         self.photo_sizes = PIPELINE_SIZES[:2] if quick else PIPELINE_SIZES
         photos = encoded_photos(2 if quick else None, self.photo_sizes)
         rng = np.random.default_rng(seed)
@@ -448,67 +386,53 @@ class PhotoRows:
     def __getitem__(self, index):
         return {"image": self.images[index], "prompt": self.prompts[index], "answer": self.answers[index]}
 
-
-def _pipeline_processor(tokenizer, pixel_dtype: str, max_image_tokens: int, max_image_size: int):
-    from processing import NanoVLMImageProcessor, NanoVLMProcessor
-
-    return NanoVLMProcessor(NanoVLMImageProcessor(max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                                  pixel_dtype=pixel_dtype), tokenizer)
+    def text_lengths(self, processor) -> list[int]:
+        collator = NanoVLMCollator(processor)
+        return [collator.text_length(self[i]) for i in range(len(self))]
 
 
-def _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, workers, output_dir):
+def pipeline_trainer(model, rows, processor, text_lengths, args, workers, output_dir):
     from modeling_nanovlm import NanoVLMTrainer
     from processing import BucketBatchSampler
 
-    args = training_arguments(output_dir, batch_size, lr, seed, workers)
-    sampler = BucketBatchSampler(rows.sizes, text_lengths, processor.image_processor, batch_size=batch_size, seed=seed)
-    trainer = NanoVLMTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
-                             batch_sampler=sampler, auto_workers=False)
+    sampler = BucketBatchSampler(rows.sizes, text_lengths, processor.image_processor, batch_size=args.batch_size,
+                                 seed=args.seed)
+    trainer = NanoVLMTrainer(model=model, args=training_arguments(output_dir, args, workers), train_dataset=rows,
+                             processing_class=processor, batch_sampler=sampler, auto_workers=False)
     trainer.create_optimizer()
     return trainer
 
 
-def run_pipeline(num_samples, turn_batches, turns, batch_size, seed, threads, max_image_tokens, max_image_size, lr,
-                 quick, workers_list=(0, 2), dtypes=("float32", "uint8")) -> dict:
-    """samples/s for every (workers, pixel dtype): fresh iterator per turn, `turn_batches` batches, turns rotating."""
-    import copy
-
-    import torch
-
-    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
-
-    set_torch_threads(threads)
+def run_pipeline(args, workers_list=(0, 2), dtypes=("float32", "uint8")) -> dict:
+    """samples/s for every (workers, pixel dtype): fresh iterator per turn, `--turn-batches` batches, turns rotating."""
+    set_torch_threads(args.threads)
     tokenizer = bench_tokenizer()
-    rows = PhotoRows(num_samples, tokens_per_word(tokenizer), seed, quick)
-    processors = {d: _pipeline_processor(tokenizer, d, max_image_tokens, max_image_size) for d in dtypes}
-    collator = NanoVLMCollator(processors[dtypes[0]])
-    text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
-    torch.manual_seed(seed)
-    base = NanoVLMForConditionalGeneration(
-        tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
+    rows = PhotoRows(args.turn_batches * args.batch_size, tokens_per_word(tokenizer), args.seed, args.quick)
+    processors = {dtype: make_processor(tokenizer, args, pixel_dtype=dtype) for dtype in dtypes}
+    text_lengths = rows.text_lengths(processors[dtypes[0]])
+    base = tiny_model(tokenizer, processors[dtypes[0]].image_token_id, args.seed)
     configs = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for workers in workers_list:
             for dtype in dtypes:
                 model = copy.deepcopy(base)
-                trainer = _pipeline_trainer(model, rows, processors[dtype], text_lengths, batch_size, seed, lr, workers,
-                                            output_dir)
+                trainer = pipeline_trainer(model, rows, processors[dtype], text_lengths, args, workers, output_dir)
                 configs[f"{workers} workers, {dtype}"] = {"trainer": trainer, "model": model, "workers": workers,
                                                            "pixel_dtype": dtype, "seconds": 0.0, "samples": 0,
                                                            "batches": 0, "pixel_bytes": 0, "turn_seconds": []}
         names = list(configs)
-        for name in names:  # warm-up, not counted: first-call costs (allocator, lazy inits) of each configuration
-            c = configs[name]
+        for c in configs.values():  # warm-up, not counted: first-call costs (allocator, lazy inits)
             for batch, _ in zip(c["trainer"].get_train_dataloader(), range(2)):
-                train_step(c["trainer"], c["model"], batch)
-        for turn in range(turns):
-            for name in names[turn % len(names):] + names[: turn % len(names)]:
-                pipeline_turn(configs[name], turn_batches)
-    return {"configs": pipeline_figures(configs, turn_batches), "reference": names[0],
-            "settings": {"samples": num_samples, "turn_batches": turn_batches, "turns": turns, "batch_size": batch_size,
-                         "torch_threads": threads, "max_image_tokens": max_image_tokens,
-                         "max_image_size": max_image_size, "photos": ", ".join(f"{w}x{h}" for w, h in rows.photo_sizes),
-                         "cpus": os.cpu_count(), "load_average": _load_average()}}
+                trainer_step(c["trainer"], c["model"], batch)
+        for turn in range(args.turns):
+            for name in rotated(names, turn):
+                pipeline_turn(configs[name], args.turn_batches)
+    return {"configs": pipeline_figures(configs, args.turn_batches), "reference": names[0],
+            "settings": {"samples": len(rows), "turn_batches": args.turn_batches, "turns": args.turns,
+                         "batch_size": args.batch_size, "torch_threads": args.threads,
+                         "max_image_tokens": args.max_image_tokens, "max_image_size": args.max_image_size,
+                         "photos": ", ".join(f"{w}x{h}" for w, h in rows.photo_sizes), "cpus": os.cpu_count(),
+                         "load_average": load_average()}}
 
 
 def pipeline_turn(config: dict, turn_batches: int) -> None:
@@ -519,7 +443,7 @@ def pipeline_turn(config: dict, turn_batches: int) -> None:
         batch = next(iterator, None)
         if batch is None:
             break
-        train_step(config["trainer"], config["model"], batch)
+        trainer_step(config["trainer"], config["model"], batch)
         config["samples"] += len(batch["input_ids"])
         config["batches"] += 1
         config["pixel_bytes"] += batch["pixel_values"].nbytes
@@ -548,86 +472,63 @@ def pipeline_figures(configs: dict, turn_batches: int) -> dict:
     return results
 
 
-def _load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+@contextlib.contextmanager
+def timer(totals: dict, key: str):
+    """Adds the seconds spent in the block to `totals[key]`."""
+    start = time.perf_counter()
+    yield
+    totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
-class _Timer:
-    """Adds the seconds spent in a block to `totals[key]`."""
-
-    def __init__(self, totals: dict, key: str):
-        self.totals, self.key = totals, key
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.totals[self.key] = self.totals.get(self.key, 0.0) + time.perf_counter() - self.start
-
-
-def _timed_image_processor(totals: dict, **settings):
+def timed_image_processor(totals: dict, **settings):
     """A NanoVLMImageProcessor that adds its decode time and its whole time to `totals`."""
-    from processing import NanoVLMImageProcessor
 
     class TimedImageProcessor(NanoVLMImageProcessor):
         def _opened(self, raw):  # decodes images whose format cannot be decoded at reduced scale
-            with _Timer(totals, "decode"):
+            with timer(totals, "decode"):
                 return super()._opened(raw)
 
         def _decoded(self, opened, plan):
-            with _Timer(totals, "decode"):
+            with timer(totals, "decode"):
                 return super()._decoded(opened, plan)
 
         def preprocess(self, images, return_tensors=None, **overrides):
-            with _Timer(totals, "image_processor"):
+            with timer(totals, "image_processor"):
                 return super().preprocess(images, return_tensors=return_tensors, **overrides)
 
     return TimedImageProcessor(**settings)
 
 
-def run_breakdown(num_batches, batch_size, seed, threads, max_image_tokens, max_image_size, lr, quick,
-                  dtypes=("float32", "uint8")) -> dict:
+def run_breakdown(args, dtypes=("float32", "uint8")) -> dict:
     """Seconds per sample of each part of a training step, in the training process, for each pixel dtype."""
-    set_torch_threads(threads)
+    set_torch_threads(args.threads)
     tokenizer = bench_tokenizer()
-    rows = PhotoRows(num_batches * batch_size, tokens_per_word(tokenizer), seed, quick)
+    rows = PhotoRows((args.breakdown_batches + 1) * args.batch_size, tokens_per_word(tokenizer), args.seed,
+                     args.quick)
     with tempfile.TemporaryDirectory() as output_dir:
-        out = {dtype: breakdown_one_dtype(dtype, rows, tokenizer, batch_size, seed, max_image_tokens, max_image_size,
-                                          lr, output_dir)
-               for dtype in dtypes}
+        out = {dtype: breakdown_one_dtype(dtype, rows, tokenizer, args, output_dir) for dtype in dtypes}
     return {"by_pixel_dtype": out,
-            "settings": {"batches": num_batches, "batch_size": batch_size, "torch_threads": threads,
-                         "max_image_tokens": max_image_tokens, "max_image_size": max_image_size,
-                         "model": "tiny_config, fp32, CPU", "load_average": _load_average(),
+            "settings": {"batches": args.breakdown_batches + 1, "batch_size": args.batch_size,
+                         "torch_threads": args.threads, "max_image_tokens": args.max_image_tokens,
+                         "max_image_size": args.max_image_size, "model": "tiny_config, fp32, CPU",
+                         "load_average": load_average(),
                          "note": "the tower is timed on its own (forward + backward of its features); LM + connector "
                                  "is the full step's forward + backward minus that"}}
 
 
-def breakdown_one_dtype(dtype, rows, tokenizer, batch_size, seed, max_image_tokens, max_image_size, lr,
-                        output_dir) -> dict:
+def breakdown_one_dtype(dtype, rows, tokenizer, args, output_dir) -> dict:
     """One epoch of `rows` (the first batch a warm-up), each part of every step timed: ms per sample and share."""
-    import torch
-
-    from modeling_nanovlm import NanoVLMForConditionalGeneration, tiny_config
-    from processing import NanoVLMProcessor
-
     totals = {}
-    ip = _timed_image_processor(totals, max_image_tokens=max_image_tokens, max_image_size=max_image_size,
-                                pixel_dtype=dtype)
-    processor = NanoVLMProcessor(ip, tokenizer)
-    collator = NanoVLMCollator(processor)
-    text_lengths = [collator.text_length(rows[i]) for i in range(len(rows))]
-    torch.manual_seed(seed)
-    model = NanoVLMForConditionalGeneration(
-        tiny_config(vocab_size=len(tokenizer), image_token_id=processor.image_token_id))
-    trainer = _pipeline_trainer(model, rows, processor, text_lengths, batch_size, seed, lr, 0, output_dir)
+    ip = timed_image_processor(totals, max_image_tokens=args.max_image_tokens, max_image_size=args.max_image_size,
+                               pixel_dtype=dtype)
+    proc = NanoVLMProcessor(ip, tokenizer)
+    collator = NanoVLMCollator(proc)
+    model = tiny_model(tokenizer, proc.image_token_id, args.seed)
+    trainer = pipeline_trainer(model, rows, proc, rows.text_lengths(proc), args, 0, output_dir)
     samples = 0
     for index, indices in enumerate(trainer.train_batch_sampler):
         if index == 0:  # warm-up batch, not counted
-            train_step(trainer, model, trainer._prepare_inputs(collator([rows[i] for i in indices])))
+            trainer_step(trainer, model, trainer._prepare_inputs(collator([rows[i] for i in indices])))
             totals.clear()
             continue
         timed_step(trainer, model, collator, [rows[i] for i in indices], totals)
@@ -652,17 +553,17 @@ def breakdown_one_dtype(dtype, rows, tokenizer, batch_size, seed, max_image_toke
 def timed_step(trainer, model, collator, rows: list[dict], totals: dict) -> None:
     """Collate `rows` and train on them, adding the seconds of each part to `totals`. The tower runs once more on its
     own (forward + backward of its features, gradients dropped) to time it apart from the rest of the step."""
-    with _Timer(totals, "collate_total"):
+    with timer(totals, "collate_total"):
         batch = collator(rows)
     batch = trainer._prepare_inputs(batch)
-    with _Timer(totals, "tower"):
+    with timer(totals, "tower"):
         features = model.get_image_features(batch["pixel_values"], batch["image_grid_hw"],
                                             batch["image_token_hw"], batch["image_shuffle_factor"])
         features.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
-    with _Timer(totals, "step_forward_backward"):
+    with timer(totals, "step_forward_backward"):
         trainer.training_step(model, batch, num_items_in_batch=int((batch["labels"] != -100).sum()))
-    with _Timer(totals, "optimizer"):
+    with timer(totals, "optimizer"):
         trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
         trainer.optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -686,90 +587,53 @@ def plot_breakdown(breakdown: dict, path: str) -> None:
     save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
-def pipeline_report(pipeline: dict | None, breakdown: dict | None) -> str:
-    out = []
-    if pipeline:
-        s = pipeline["settings"]
-        rows = [[name, c["batches"], round(c["samples_per_second"], 1), f"{c['vs_first']:.2f}x",
-                 round(c["median_turn_samples_per_second"], 1), f"{c['median_vs_first']:.2f}x",
-                 f"{min(c['turn_seconds']):.1f}-{max(c['turn_seconds']):.1f}", round(c["pixel_mb_per_batch"], 2)]
-                for name, c in pipeline["configs"].items()]
-        out.append(table(["configuration", "batches", "samples/s", f"x {pipeline['reference']}",
-                          "samples/s (median turn)", "x (median)", "turn seconds", "pixel MB/batch"],
-                         rows, title=f"Input pipeline: tiny model, batch {s['batch_size']}, JPEG photos "
-                                     f"{s['photos']}, budget {s['max_image_tokens']}/{s['max_image_size']} px, "
-                                     f"{s['turns']} turns of {s['turn_batches']} batches per configuration (fresh "
-                                     f"iterator each), {s['torch_threads']} torch thread(s), {s['cpus']} CPUs, "
-                                     f"load {s['load_average']}"))
-    if breakdown:
-        by_dtype = breakdown["by_pixel_dtype"]
-        parts = list(next(iter(by_dtype.values()))["ms_per_sample"])
-        rows = [[part, *[x for d in by_dtype.values() for x in (round(d["ms_per_sample"][part], 2),
-                                                                   f"{100 * d['share'][part]:.1f} %")]]
-                for part in parts]
-        rows.append(["total", *[x for d in by_dtype.values() for x in (round(d["total_ms_per_sample"], 2), "100 %")]])
-        headers = ["part", *[h for dtype in by_dtype for h in (f"{dtype} ms/sample", f"{dtype} share")]]
-        s = breakdown["settings"]
-        out.append("")
-        out.append(table(headers, rows, title=f"Where a training step's time goes (0 workers, in the training "
-                                              f"process; {s['batches']} batches of {s['batch_size']}, load "
-                                              f"{s['load_average']})"))
-    return "\n".join(out)
+def pipeline_report(pipeline: dict) -> str:
+    s = pipeline["settings"]
+    rows = [[name, c["batches"], round(c["samples_per_second"], 1), f"{c['vs_first']:.2f}x",
+             round(c["median_turn_samples_per_second"], 1), f"{c['median_vs_first']:.2f}x",
+             f"{min(c['turn_seconds']):.1f}-{max(c['turn_seconds']):.1f}", round(c["pixel_mb_per_batch"], 2)]
+            for name, c in pipeline["configs"].items()]
+    return table(["configuration", "batches", "samples/s", f"x {pipeline['reference']}", "samples/s (median turn)",
+                  "x (median)", "turn seconds", "pixel MB/batch"], rows,
+                 title=f"Input pipeline: tiny model, batch {s['batch_size']}, JPEG photos {s['photos']}, budget "
+                       f"{s['max_image_tokens']}/{s['max_image_size']} px, {s['turns']} turns of {s['turn_batches']} "
+                       f"batches per configuration (fresh iterator each), {s['torch_threads']} torch thread(s), "
+                       f"{s['cpus']} CPUs, load {s['load_average']}")
+
+
+def breakdown_report(breakdown: dict) -> str:
+    by_dtype, s = breakdown["by_pixel_dtype"], breakdown["settings"]
+    rows = []
+    for part in next(iter(by_dtype.values()))["ms_per_sample"]:
+        row = [part]
+        for d in by_dtype.values():
+            row += [round(d["ms_per_sample"][part], 2), f"{100 * d['share'][part]:.1f} %"]
+        rows.append(row)
+    rows.append(["total"] + [x for d in by_dtype.values() for x in (round(d["total_ms_per_sample"], 2), "100 %")])
+    headers = ["part"] + [h for dtype in by_dtype for h in (f"{dtype} ms/sample", f"{dtype} share")]
+    return table(headers, rows, title=f"Where a training step's time goes (0 workers, in the training "
+                                      f"process; {s['batches']} batches of {s['batch_size']}, load "
+                                      f"{s['load_average']})")
 
 
 def main(argv=None) -> dict:
-    parser = argument_parser(__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="strategies,pipeline,breakdown",
-                        help="comma-separated, from strategies (batching strategies), pipeline (workers x pixel "
-                             "dtype), breakdown (time per part of a step)")
-    parser.add_argument("--samples", type=int, default=1600, help="rows in the data set: one epoch per strategy")
-    parser.add_argument("--window", type=int, default=4, help="batches per window before the next strategy's turn")
-    parser.add_argument("--pad-batches", type=int, default=16,
-                        help="batches trained by pad-to-max (random batches: a sample of them costs like the epoch)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on shared cores)")
-    parser.add_argument("--image-scale", type=float, default=0.125, help="shrink the mix's image sides by this")
-    parser.add_argument("--text-scale", type=float, default=0.25, help="shrink the mix's questions and answers by this")
-    parser.add_argument("--max-image-tokens", type=int, default=64)
-    parser.add_argument("--max-image-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--strategies", default="ours,random,pad-to-max",
-                        help="comma-separated, from ours, ours+snap, random, pad-to-max")
-    parser.add_argument("--turn-batches", type=int, default=8, help="pipeline: batches per turn (fresh iterator)")
-    parser.add_argument("--turns", type=int, default=8, help="pipeline: turns per configuration")
-    parser.add_argument("--breakdown-batches", type=int, default=12, help="breakdown: batches measured (+1 warm-up)")
-    parser.add_argument("--breakdown-plot", metavar="PATH", help="breakdown: draw a stacked bar PNG here")
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv, OPTIONS, QUICK)
     sections = {name.strip() for name in args.sections.split(",") if name.strip()}
-    unknown = sections - {"strategies", "pipeline", "breakdown"}
-    if unknown:
-        parser.error(f"unknown section(s) {sorted(unknown)}")
-    if args.quick:
-        args.samples, args.window, args.pad_batches, args.batch_size = 32, 2, 2, 8
-        args.turn_batches, args.turns, args.breakdown_batches = 2, 1, 2
-    figures = {"benchmark": "throughput"}
-    printed = []
+    if sections - set(SECTIONS):
+        raise SystemExit(f"unknown section(s) {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    figures, printed = {"benchmark": "throughput"}, []
     if "strategies" in sections:
-        names = [name.strip() for name in args.strategies.split(",") if name.strip()]
-        figures.update(run(args.samples, args.window, args.pad_batches, args.batch_size, args.seed, args.threads,
-                           args.image_scale, args.text_scale, args.max_image_tokens, args.max_image_size, args.lr,
-                           names, full_mix_samples=1000 if args.quick else 20000))
-        printed.append(report(figures))
+        figures.update(run_strategies(args))
+        printed.append(strategies_report(figures))
     if "pipeline" in sections:
-        figures["pipeline"] = run_pipeline(args.turn_batches * args.batch_size, args.turn_batches, args.turns,
-                                           args.batch_size, args.seed, args.threads, args.max_image_tokens,
-                                           args.max_image_size, args.lr, args.quick)
+        figures["pipeline"] = run_pipeline(args)
+        printed.append(pipeline_report(figures["pipeline"]))
     if "breakdown" in sections:
-        figures["breakdown"] = run_breakdown(args.breakdown_batches + 1, args.batch_size, args.seed, args.threads,
-                                             args.max_image_tokens, args.max_image_size, args.lr, args.quick)
+        figures["breakdown"] = run_breakdown(args)
+        printed.append(breakdown_report(figures["breakdown"]))
         if args.breakdown_plot:
             plot_breakdown(figures["breakdown"], args.breakdown_plot)
-    if sections & {"pipeline", "breakdown"}:
-        printed.append(pipeline_report(figures.get("pipeline"), figures.get("breakdown")))
-    figures.setdefault("environment", environment())
-    print("\n\n".join(printed))
-    write_json(args.json, figures)
-    return figures
+    return finish(args, figures, "\n\n".join(printed))
 
 
 if __name__ == "__main__":
