@@ -20,10 +20,11 @@ QUICK = dict(new_tokens=16, repeats=1, image_size="96x128")
 
 def run(args) -> dict:
     import torch
-    from offline_tokenizer import build_tokenizer
     from PIL import Image
 
     from processing import NanoVLMImageProcessor, NanoVLMProcessor
+
+    from offline_tokenizer import build_tokenizer
 
     set_torch_threads(args.threads)
     tokenizer = build_tokenizer(["describe the picture: a cat, a cup of coffee, a rocket, a page of text."] * 10)
