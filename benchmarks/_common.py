@@ -307,16 +307,16 @@ def parse_args(doc: str, argv, options: dict, quick: dict | None = None) -> argp
     """`--quick`, `--json PATH`, `--seed` and the script's `options` ({name: default}, each `--name-with-dashes` of
     the default's type; False makes a flag). With `--quick`, the `quick` values replace the options left at their
     default."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small setting for smoke tests (seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     for name, default in options.items():
         flag = "--" + name.replace("_", "-")
         if default is False:
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help="off by default")
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help="default: %(default)r")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in (quick or {}).items():
