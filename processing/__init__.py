@@ -10,15 +10,8 @@ Trainer) is not.
 See docs/architecture.md for who owns which rule.
 """
 
-from .image_processing_nanovlm import (
-    ImageInputError,
-    ImagePlan,
-    NanoVLMImageProcessor,
-    image_size,
-    load_image,
-    plan_image,
-    plan_images,
-)
+from .image_loading import ImageInputError, image_size, load_image
+from .image_processing_nanovlm import ImagePlan, NanoVLMImageProcessor, plan_image, plan_images
 from .processing_nanovlm import CHAT_TEMPLATE, IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
 
 __all__ = [

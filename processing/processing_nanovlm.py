@@ -11,7 +11,8 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config, tok
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 
-from .image_processing_nanovlm import MODEL_SETTINGS, ImageInputError, NanoVLMImageProcessor
+from .image_loading import ImageInputError
+from .image_processing_nanovlm import MODEL_SETTINGS, NanoVLMImageProcessor
 
 IMAGE_TOKEN = "<image>"
 GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it

@@ -58,8 +58,9 @@ def test_push_uploads_what_a_stranger_needs_and_loads_back_identically(hub, tmp_
     files = hub.state.repo("model", repo).resolve("main").files
     expected = {
         "README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_nanovlm.py",
-        "configuration_nanovlm.py", "model_card.py", "processor_config.json", "image_processing_nanovlm.py",
-        "processing_nanovlm.py", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "configuration_nanovlm.py", "connector.py", "model_card.py", "processor_config.json",
+        "image_processing_nanovlm.py", "image_loading.py", "processing_nanovlm.py", "tokenizer.json",
+        "tokenizer_config.json", "chat_template.jinja",
     }
     assert expected <= set(files), expected - set(files)
     card = files["README.md"].content.decode()

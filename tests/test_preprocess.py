@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import TrainingArguments
 
-import processing.image_processing_nanovlm as image_processing
+import processing.image_loading as image_loading
 from modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMTrainer, tiny_config
 from modeling_nanovlm.modeling_nanovlm import normalize_pixels
 from processing import NanoVLMImageProcessor, NanoVLMProcessor, load_image
@@ -88,7 +88,7 @@ def test_torch_and_pil_resizes_agree(monkeypatch):
     """Without torch the processor resizes in PIL; both give the same plan and pixels within rounding."""
     source = jpeg(photo(900, 600))
     with_torch = NanoVLMImageProcessor(max_image_tokens=256, pixel_dtype="uint8")(source)["pixel_values"]
-    monkeypatch.setattr(image_processing, "torch", None)
+    monkeypatch.setattr(image_loading, "torch", None)
     with_pil = NanoVLMImageProcessor(max_image_tokens=256, pixel_dtype="uint8")(source)["pixel_values"]
     assert with_torch.shape == with_pil.shape
     difference = np.abs(with_torch.astype(int) - with_pil.astype(int))
@@ -149,9 +149,9 @@ def test_no_reduced_decode_below_2x_or_for_inexact_scales(monkeypatch):
     NanoVLMImageProcessor(max_image_tokens=1024)(jpeg(photo(1024, 768)))  # plan 1024x768: no downscale
     NanoVLMImageProcessor(max_image_tokens=64, max_image_size=128)(jpeg(photo(451, 300)))  # 451 is odd: no exact 1/2
     assert calls == []
-    assert image_processing._exact_draft_scale((3000, 2000), (1024, 672)) == 2
-    assert image_processing._exact_draft_scale((3000, 2000), (256, 176)) == 8
-    assert image_processing._exact_draft_scale((3000, 2002), (256, 176)) == 2  # 2002 is not a multiple of 4 or 8
+    assert image_loading._exact_draft_scale((3000, 2000), (1024, 672)) == 2
+    assert image_loading._exact_draft_scale((3000, 2000), (256, 176)) == 8
+    assert image_loading._exact_draft_scale((3000, 2002), (256, 176)) == 2  # 2002 is not a multiple of 4 or 8
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])

@@ -9,7 +9,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import processing.image_processing_nanovlm as image_processing
+import processing.image_loading as image_loading
 from processing import BucketBatchSampler, ImagePlan, NanoVLMImageProcessor, bucket_key
 
 NUM_SAMPLES = 203  # prime: no batch size or process count divides it
@@ -350,7 +350,7 @@ def test_from_dataset_reads_sizes_from_headers_without_decoding(image_processor,
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(image_processing, "load_image", no_decoding)
+    monkeypatch.setattr(image_loading, "load_image", no_decoding)
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     seen_rows = []
     def text_length(row):

@@ -8,7 +8,7 @@ import re
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
-from ..image_processing_nanovlm import ImageInputError
+from ..image_loading import ImageInputError
 from ..processing_nanovlm import IMAGE_TOKEN
 from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
 

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..image_processing_nanovlm import ImageInputError, image_size
+from ..image_loading import ImageInputError, image_size
 
 if TYPE_CHECKING:
     import datasets

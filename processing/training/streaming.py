@@ -39,7 +39,7 @@ from operator import attrgetter
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from ..image_processing_nanovlm import image_size
+from ..image_loading import image_size
 from .sampler import (
     ASPECT_RATIO_EDGES,
     SIZE_BUCKETS,
