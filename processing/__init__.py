@@ -10,9 +10,10 @@ Trainer) is not.
 See docs/architecture.md for who owns which rule.
 """
 
+from .chat_templates import CHAT_TEMPLATE, chat_template_for
 from .image_loading import ImageInputError, image_size, load_image
 from .image_processing_nanovlm import ImagePlan, NanoVLMImageProcessor, plan_image, plan_images
-from .processing_nanovlm import CHAT_TEMPLATE, IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
+from .processing_nanovlm import IMAGE_TOKEN, ImageTextMismatchError, NanoVLMProcessor
 
 __all__ = [
     "NanoVLMImageProcessor",
@@ -25,6 +26,7 @@ __all__ = [
     "load_image",
     "image_size",
     "CHAT_TEMPLATE",
+    "chat_template_for",
     "IMAGE_TOKEN",
 ]
 

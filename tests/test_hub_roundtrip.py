@@ -59,8 +59,8 @@ def test_push_uploads_what_a_stranger_needs_and_loads_back_identically(hub, tmp_
     expected = {
         "README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_nanovlm.py",
         "configuration_nanovlm.py", "connector.py", "model_card.py", "processor_config.json",
-        "image_processing_nanovlm.py", "image_loading.py", "processing_nanovlm.py", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja",
+        "image_processing_nanovlm.py", "image_loading.py", "processing_nanovlm.py", "chat_templates.py",
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
     }
     assert expected <= set(files), expected - set(files)
     card = files["README.md"].content.decode()

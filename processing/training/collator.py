@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
+from ..chat_templates import GENERATION_MARK
 from ..image_loading import ImageInputError
 from ..processing_nanovlm import IMAGE_TOKEN
 from .sizes import IMAGE_COLUMNS, INDEX_KEY, image_source
@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # what the LM loss skips
 PLAN_KEY = "__plan__"  # reserved row key: the batch's plan overrides, drawn by the sampler (see rows.py)
 SKIP_HINT = "pass skip_bad_rows=True to skip and count such rows instead"
-GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers and TRL look for it
 
 
 class BadRowError(ValueError):
